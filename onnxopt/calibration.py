@@ -1,0 +1,143 @@
+"""Calibration: run the float model on the data and stream statistics of chosen tensors.
+
+Used by every pass that needs data (quantize, prune, lowrank). Each sample runs
+once through onnxruntime with the observed tensors exposed as extra outputs;
+each observer is updated and the arrays dropped, so memory stays flat as the
+sample count grows and input shapes may vary between samples. Observers are
+mergeable (`onnxopt.kernels.observers`), so shards of the data can be observed
+separately and merged into the same result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxopt.data import Sample
+from onnxopt.graph import model_hash
+from onnxopt.kernels.observers import HistogramObserver
+from onnxopt.progress import progress
+from onnxopt.runtime import session_options
+from onnxopt.shapes import infer_tensor_info
+
+
+class Observer(Protocol):
+    """Anything with `update(array)`; the kernels' observers also `merge`."""
+
+    def update(self, x: np.ndarray) -> Any: ...
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph also outputs `tensors` (typed from shape inference where known)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    info = infer_tensor_info(model)
+    for name in tensors:
+        if name in existing:
+            continue
+        ti = info.get(name)
+        vi = onnx.helper.make_tensor_value_info(name, ti.elem_type, None) if ti and ti.elem_type else \
+            onnx.ValueInfoProto(name=name)
+        out.graph.output.append(vi)
+        existing.add(name)
+    return out
+
+
+def observe(model: onnx.ModelProto, samples: Iterable[Sample], tensors: list[str],
+            make_observer: Callable[[str], Observer], desc: str = "calibrating", total: int | None = None,
+            threads: int = 2, chunk: int = 256) -> dict[str, Observer]:
+    """Stream `samples` through `model` and feed each observed tensor to its own observer.
+
+    Tensors are exposed in chunks of `chunk` per session, so a model with many
+    large activations does not hold them all at once; with one chunk the data is
+    read once. Returns {tensor name: observer}.
+    """
+    observers = {t: make_observer(t) for t in tensors}
+    graph_outputs = [o.name for o in model.graph.output]
+    groups = [tensors[i:i + chunk] for i in range(0, len(tensors), chunk)] or [[]]
+    for gi, group in enumerate(groups):
+        sess = ort.InferenceSession(with_outputs(model, group).SerializeToString(),
+                                    session_options(threads, optimize=False), providers=["CPUExecutionProvider"])
+        names = list(dict.fromkeys(group + [o for o in graph_outputs if o in observers]))
+        label = desc if len(groups) == 1 else f"{desc} ({gi + 1}/{len(groups)})"
+        for feeds in progress(samples, label, total=total, unit="sample"):
+            for name, value in zip(names, sess.run(names, feeds)):
+                observers[name].update(value)
+    return observers
+
+
+def _stats_cache_path(model: onnx.ModelProto, data_key: str, max_bins: int) -> Path:
+    """Where the statistics of `model` on data `data_key` are cached (by content hashes)."""
+    from onnxopt.timing import cache_dir
+    return cache_dir() / f"calib-{model_hash(model)[:16]}-{data_key}-b{max_bins}.json"
+
+
+def activation_histograms(model: onnx.ModelProto, data: Iterable[Sample], tensors: list[str],
+                          max_bins: int = 2048, cache: bool = True, desc: str = "calibrating",
+                          shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, HistogramObserver]:
+    """Exactly mergeable histograms (with exact min/max) of `tensors`, cached on disk.
+
+    The cache key is the model's content hash and the data's fingerprint
+    (`CalibrationData.fingerprint()`, or a hash of the samples), so a second
+    run on the same model and data reads the file instead of running the model;
+    tensors missing from the cache are observed and added. One histogram per
+    tensor serves every range method (minmax, percentile, entropy, mse).
+    `shapes`, if given, receives each tensor's shape on the first sample
+    (for timing and MAC counts where static shape inference gives up).
+    """
+    samples = data
+    if hasattr(data, "fingerprint"):
+        data_key = data.fingerprint()
+    else:
+        samples = list(data)
+        h = hashlib.sha256()
+        for s in samples:
+            for k in sorted(s):
+                h.update(k.encode() + str(s[k].shape).encode() + np.ascontiguousarray(s[k]).tobytes())
+        data_key = h.hexdigest()[:16]
+    path = _stats_cache_path(model, data_key, max_bins)
+    stored: dict[str, dict] = {}
+    if cache:
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = {}
+    result = {t: HistogramObserver.from_dict(stored[t]) for t in tensors if t in stored}
+    first_shapes = {t: tuple(v) for t, v in stored.get("__shapes__", {}).items()}
+    missing = [t for t in tensors if t not in result or t not in first_shapes]
+    if missing:
+        total = len(samples) if hasattr(samples, "__len__") else None
+        fresh = observe(model, samples, missing, lambda t: _ShapeRecorder(t, first_shapes, max_bins),
+                        desc=desc, total=total)
+        result.update({t: o.hist for t, o in fresh.items()})
+        if cache:
+            stored.update({t: o.hist.to_dict() for t, o in fresh.items()})
+            stored["__shapes__"] = {t: list(v) for t, v in first_shapes.items()}
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(stored))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only cache only costs time
+    if shapes is not None:
+        shapes.update({t: first_shapes[t] for t in tensors if t in first_shapes})
+    return result
+
+
+class _ShapeRecorder:
+    """A histogram observer that also remembers the tensor's shape on its first sample."""
+
+    def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], max_bins: int):
+        self.name, self.shapes, self.hist = name, shapes, HistogramObserver(max_bins=max_bins)
+
+    def update(self, x: np.ndarray) -> None:
+        self.shapes.setdefault(self.name, tuple(int(d) for d in np.shape(x)))
+        self.hist.update(x)

@@ -1,0 +1,107 @@
+"""The pass manager: runs a pipeline over a graph and owns the instrumentation.
+
+Per pass it records wall time, `changed`, the pass's stats and skipped nodes,
+model statistics after the pass, optionally dumps the IR and verifies the model
+(`onnx.checker` plus an onnxruntime session) so a broken rewrite is caught at
+the pass that made it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt.errors import CheckFailed
+from onnxopt.graph import cleanup, export_model, import_model
+from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.stats import model_stats
+
+
+@dataclass
+class PassRecord:
+    """Instrumentation of one pass run."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    changed: bool
+    stats: dict[str, Any]
+    skipped: list[dict[str, str]]
+    details: list[dict[str, Any]]
+    after: dict[str, Any] = field(default_factory=dict)
+
+
+class PassManager:
+    """Runs passes in order over one graph with a shared `PassContext`."""
+
+    def __init__(self, passes: list[Pass], ctx: PassContext | None = None, dump_dir: str | Path | None = None,
+                 verify_each: bool = False, collect_stats: bool = True):
+        self.passes = passes
+        self.ctx = ctx or PassContext()
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        self.verify_each = verify_each
+        self.collect_stats = collect_stats
+        self.records: list[PassRecord] = []
+
+    def run_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Import, run every pass, export. The input proto is not modified."""
+        graph = import_model(model)
+        graph = self.run(graph)
+        return export_model(graph)
+
+    def run(self, graph: gs.Graph) -> gs.Graph:
+        """Run the pipeline on `graph` in place and return it."""
+        if self.dump_dir:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            self._dump(graph, 0, "input")
+        for k, p in enumerate(self.passes, start=1):
+            graph._onnxopt_names = None
+            t0 = time.perf_counter()
+            result = p.run(graph, self.ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"pass '{p.name}' returned {type(result).__name__}, expected PassResult")
+            if result.changed:
+                cleanup(graph)
+                self.ctx.invalidate()
+            seconds = time.perf_counter() - t0
+            rec = PassRecord(p.name, _options_dict(p), seconds, result.changed, result.stats, result.skipped,
+                             result.details)
+            if self.collect_stats or self.verify_each or self.dump_dir:
+                model = export_model(graph)
+                if self.collect_stats:
+                    rec.after = model_stats(model, self.ctx.settings.get("input_shapes")).to_dict()
+                if self.verify_each:
+                    verify_model(model, f"after pass {k} '{p.name}'")
+                if self.dump_dir:
+                    self._dump(graph, k, p.name, model)
+            self.records.append(rec)
+        return graph
+
+    def _dump(self, graph: gs.Graph, k: int, name: str, model: onnx.ModelProto | None = None) -> None:
+        from onnxopt.model_io import save_model
+
+        save_model(model if model is not None else export_model(graph), self.dump_dir / f"{k:02d}_{name}.onnx")
+
+
+def _options_dict(p: Pass) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(p.options) if dataclasses.is_dataclass(p.options) else {}
+
+
+def verify_model(model: onnx.ModelProto, where: str = "") -> None:
+    """Raise CheckFailed unless the model passes `onnx.checker` (full) and onnxruntime can load it."""
+    from onnxopt.runtime import make_session
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise CheckFailed(f"model invalid {where}: {str(exc).strip().splitlines()[0]}") from None
+    try:
+        make_session(model)
+    except Exception as exc:
+        raise CheckFailed(f"onnxruntime cannot load the model {where}: {str(exc).strip().splitlines()[0][:300]}") from None

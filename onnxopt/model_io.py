@@ -1,0 +1,118 @@
+"""Loading and saving models: validation of input files, external data, atomic writes.
+
+Saving goes to a temporary name in the destination directory and is renamed into
+place, so a failure never leaves a half-written model and the input is never touched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxopt.errors import UserError
+
+TWO_GB = 2**31
+#: Tensors at least this large go to the external data file when one is written.
+EXTERNAL_THRESHOLD = 1024
+
+
+def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model, raising `UserError` with one clear line for any bad input."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file (give the path of an .onnx model)")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, not an .onnx model file")
+    if p.stat().st_size == 0:
+        raise UserError(f"{p}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: not an ONNX model (protobuf parse failed: {str(exc).splitlines()[0][:120]})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise UserError(f"{p}: parses as protobuf but holds no ONNX graph (is it really a model?)")
+    if not model.opset_import:
+        raise UserError(f"{p}: model declares no opset_import; re-export it with an opset")
+    if load_external and uses_external_data(model):
+        base = str(p.resolve().parent)
+        for t in _external_tensors(model):
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc is None or not (Path(base) / loc).exists():
+                raise UserError(f"{p}: external data file '{loc}' for tensor '{t.name}' is missing next to the model")
+        try:
+            onnx.load_external_data_for_model(model, base)
+        except Exception as exc:  # truncated or unreadable data file
+            raise UserError(f"{p}: cannot read external data ({exc})") from None
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < TWO_GB else str(p))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(f"{p}: not a valid ONNX model: {first}") from None
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """True if any tensor of the model lives in an external file."""
+    return bool(_external_tensors(model))
+
+
+def model_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializer data (in memory), without serializing the model."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    return sum(len(t.raw_data) for t in _get_all_tensors(model))
+
+
+def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Validate an output path before any work is done, so errors come first and cheaply."""
+    o = Path(out)
+    for i in inputs:
+        if Path(i).exists() and o.exists() and o.resolve() == Path(i).resolve():
+            raise UserError(f"{o}: output path equals the input path; the input is never overwritten, choose another -o")
+    parent = o.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{o}: output directory {parent} does not exist")
+    if o.is_dir():
+        raise UserError(f"{o}: is a directory; give a file name for the output model")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{o}: output directory {parent} is not writable")
+    return o
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write `model` atomically; external data when asked or when the model exceeds 2 GB.
+
+    The external data file is named `<model file name>.data` beside the model.
+    """
+    out = check_output_path(path)
+    if external_data is None:
+        external_data = model_nbytes(model) >= TWO_GB - 2**26
+    parent = out.resolve().parent
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=parent))
+    try:
+        tmp_model = tmpdir / out.name
+        data_name = out.name + ".data"
+        if external_data:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=EXTERNAL_THRESHOLD, convert_attribute=False)
+            # save_model moved the data out of the in-memory proto; bring it back so the caller's model stays whole
+            onnx.load_external_data_for_model(model, str(tmpdir))
+            os.replace(tmpdir / data_name, parent / data_name)
+        else:
+            with open(tmp_model, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp_model, out)
+    finally:
+        for leftover in tmpdir.iterdir():
+            leftover.unlink()
+        tmpdir.rmdir()
+    return out

@@ -1,0 +1,180 @@
+"""QDQ rewriting of a ModelProto: QuantizeLinear/DequantizeLinear pairs on activations, int8 weights.
+
+The quantize pass decides *what* to quantize; this module writes it the way
+onnxruntime's CPU EP recognizes (DQ -> op -> Q node groups that its QDQ
+transformers turn into QLinearConv, QLinearMatMul/MatMulIntegerToFloat,
+QGemm...). It also builds one-layer models (float and QDQ forms of a layer)
+so the pass can time them, and reads back the node types of onnxruntime's
+optimized graph to see which integer kernels were really chosen.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.runtime import session_options
+
+#: Ops whose weight (input 1) and bias (input 2) are quantized, and the axis of a per-channel weight.
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+#: Ops that only move or select values: their output reuses the input's scale (equal scales),
+#: so onnxruntime can drop the Q/DQ around them and run them on integers.
+PASS_THROUGH_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
+
+
+@dataclass
+class ActParams:
+    """Scale and zero point of one activation tensor."""
+
+    scale: np.float32
+    zero_point: np.integer
+
+
+@dataclass
+class LayerQuant:
+    """A quantized MAC layer: int8 weight with per-channel (or per-tensor) scales, int32 bias."""
+
+    node: str
+    weight_q: np.ndarray
+    weight_scale: np.ndarray
+    weight_zp: np.ndarray
+    axis: int | None
+    bias_q: np.ndarray | None = None
+    bias_scale: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def weight_axis(node: onnx.NodeProto) -> int:
+    """Output-channel axis of the weight of a MAC node (Conv 0, ConvTranspose 1, Gemm by transB, MatMul 1)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1
+
+
+def reduction_axes(node: onnx.NodeProto, ndim: int) -> tuple[int, ...]:
+    """Axes of the weight summed over by a MAC node (for the u8s8 saturation check)."""
+    axis = weight_axis(node)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return tuple(a for a in range(ndim) if a != axis)
+    return (1 - axis,)
+
+
+def _array_init(name: str, value: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[LayerQuant]) -> onnx.ModelProto:
+    """A copy of `model` with Q->DQ on every tensor in `acts` and int8 weights for `layers`.
+
+    A layer's float weight and bias inputs are replaced by DequantizeLinear of
+    the int8 weight and int32 bias (the old constants become dead). Q/DQ nodes are
+    placed right after the producer so the node list stays topologically
+    sorted; every consumer of a quantized tensor reads the dequantized value,
+    which lets onnxruntime fuse the producer with its Q.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    by_name = {n.name: n for n in g.node}
+    head: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+
+    for lq in layers:
+        node = by_name[lq.node]
+        base = f"{lq.node}_w"
+        new_inits += [_array_init(base + "_q", lq.weight_q), _array_init(base + "_s", lq.weight_scale),
+                      _array_init(base + "_zp", lq.weight_zp)]
+        attrs = {"axis": lq.axis} if lq.axis is not None else {}
+        head.append(helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_zp"], [base + "_dq"],
+                                     name=base + "_DequantizeLinear", **attrs))
+        node.input[1] = base + "_dq"
+        if lq.bias_q is not None:
+            bb = f"{lq.node}_b"
+            new_inits += [_array_init(bb + "_q", lq.bias_q), _array_init(bb + "_s", lq.bias_scale),
+                          _array_init(bb + "_zp", np.zeros(lq.bias_q.shape, np.int32)
+                                      if lq.axis is not None else np.int32(0))]
+            head.append(helper.make_node("DequantizeLinear", [bb + "_q", bb + "_s", bb + "_zp"], [bb + "_dq"],
+                                         name=bb + "_DequantizeLinear", **({"axis": 0} if lq.axis is not None else {})))
+            node.input[2] = bb + "_dq"
+
+    graph_outputs = {o.name for o in g.output}
+
+    def qdq(tensor: str, source: str, target: str) -> list[onnx.NodeProto]:
+        p = acts[tensor]
+        s, z = f"{tensor}_scale", f"{tensor}_zero_point"
+        new_inits.extend([_array_init(s, np.float32(p.scale)), _array_init(z, p.zero_point)])
+        return [helper.make_node("QuantizeLinear", [source, s, z], [tensor + "_q"], name=tensor + "_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [tensor + "_q", s, z], [target],
+                                 name=tensor + "_DequantizeLinear")]
+
+    # A graph output keeps its name on the DequantizeLinear (the producer writes `<name>_float`),
+    # so the producer's only consumer is its Q and onnxruntime can fuse them.
+    renamed = {t: t + "_dq" for t in acts if t not in graph_outputs}
+    graph_inputs = {i.name for i in g.input}
+    nodes = list(head)
+    for t in acts:
+        if t in graph_inputs:
+            nodes += qdq(t, t, renamed.get(t, t))
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in renamed:
+                n.input[i] = renamed[name]
+        nodes.append(n)
+        for k, o in enumerate(n.output):
+            if o in acts and o not in graph_inputs:
+                if o in graph_outputs:
+                    n.output[k] = o + "_float"
+                    nodes += qdq(o, o + "_float", o)
+                else:
+                    nodes += qdq(o, o, renamed[o])
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    return out
+
+
+def optimized_op_types(model: onnx.ModelProto, threads: int = 2) -> list[str]:
+    """Node types (domain-qualified for contrib ops) of onnxruntime's optimized CPU-EP graph of `model`."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-opt-") as d:
+        path = os.path.join(d, "optimized.onnx")
+        so = session_options(threads, optimize=True)
+        so.optimized_model_filepath = path
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(path)
+    return [n.op_type for n in opt.graph.node]
+
+
+def single_layer_model(node: onnx.NodeProto, weights: dict[str, np.ndarray], input_shape: tuple[int, ...],
+                       opset: int) -> onnx.ModelProto:
+    """A float model holding only `node` with its constant weights, input `x` of `input_shape`, output `y`."""
+    layer = onnx.NodeProto()
+    layer.CopyFrom(node)
+    layer.input[0] = "x"
+    del layer.output[:]
+    layer.output.append("y")
+    inits = []
+    for k in range(1, len(node.input)):
+        if node.input[k]:
+            name = f"w{k}"
+            inits.append(numpy_helper.from_array(weights[node.input[k]], name))
+            layer.input[k] = name
+    g = helper.make_graph([layer], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", max(opset, 13))])
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v for v in inferred.graph.value_info} | {o.name: o for o in inferred.graph.output}
+    if "y" in known and known["y"].type.tensor_type.HasField("shape"):
+        model.graph.output[0].CopyFrom(known["y"])
+    return model

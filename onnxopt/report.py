@@ -1,0 +1,120 @@
+"""Readable reports: before/after tables, per-pass summaries, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB'."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table with aligned columns (also valid Markdown)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{b / a:.2f}x" if a else "-"
+
+
+def summary_table(before: dict, after: dict) -> str:
+    """Before/after table of nodes, parameters, weight bytes and MACs."""
+    rows = [
+        ["nodes", before["nodes"], after["nodes"], _ratio(before["nodes"], after["nodes"])],
+        ["parameters", human_count(before["parameters"]), human_count(after["parameters"]),
+         _ratio(before["parameters"], after["parameters"])],
+        ["weight bytes", human_bytes(before["weight_bytes"]), human_bytes(after["weight_bytes"]),
+         _ratio(before["weight_bytes"], after["weight_bytes"])],
+        ["MACs", human_count(before["macs"]), human_count(after["macs"]), _ratio(before["macs"], after["macs"])],
+    ]
+    return table(["", "before", "after", "ratio"], rows)
+
+
+def passes_table(records: list[dict]) -> str:
+    """One row per pass: time, changed, its main statistics and how many nodes it left alone."""
+    rows = []
+    for r in records:
+        stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if v not in (0, None, "", [], {}))
+        rows.append([r["name"], f"{r['seconds']:.2f}s", "yes" if r["changed"] else "no",
+                     r.get("after", {}).get("nodes", "-"), stats[:90] or "-", len(r["skipped"])])
+    return table(["pass", "time", "changed", "nodes after", "stats", "left alone"], rows)
+
+
+def format_report(report: dict) -> str:
+    """The text report `optimize` prints."""
+    parts = [summary_table(report["before"], report["after"]), "", passes_table(report["passes"])]
+    skipped = [(r["name"], s) for r in report["passes"] for s in r["skipped"]]
+    if skipped:
+        parts.append("")
+        parts.append(f"left alone ({len(skipped)}):")
+        for name, s in skipped[:10]:
+            parts.append(f"  [{name}] {s.get('node') or '?'} ({s.get('op', '?')}): {s.get('reason', '')}")
+        if len(skipped) > 10:
+            parts.append(f"  ... {len(skipped) - 10} more in the JSON report")
+    if "check" in report:
+        c = report["check"]
+        parts.append("")
+        parts.append(f"check ({c['samples']} samples, {c['tolerance']} tolerance): {'OK' if c['ok'] else 'FAILED'}"
+                     f" - {c['message']}")
+    return "\n".join(parts)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        v = float(o)
+        return v if np.isfinite(v) else str(v)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _clean(obj: Any) -> Any:
+    """Replace non-finite floats by strings ("inf", "nan") so the JSON is standard."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def to_json(report: dict) -> str:
+    """Deterministic, standard JSON text of a report."""
+    return json.dumps(_clean(json.loads(json.dumps(report, default=_json_default))), indent=2, sort_keys=True)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Write a report as JSON atomically."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(to_json(report) + "\n")
+    os.replace(tmp, p)

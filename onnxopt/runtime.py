@@ -1,0 +1,47 @@
+"""onnxruntime helpers shared by folding, checks, calibration and timing (CPU EP, this process)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+_TWO_GB = 2**31
+
+
+def session_options(threads: int = 2, optimize: bool = True) -> ort.SessionOptions:
+    """Session options with fixed thread counts (reproducible timings) and quiet logging."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return so
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int = 2, optimize: bool = True,
+                 so: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """A CPU-EP session for a ModelProto or a path; models over 2 GB go through a temporary file."""
+    so = so or session_options(threads, optimize)
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() < _TWO_GB:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="onnxopt-sess-") as d:
+            path = Path(d) / "model.onnx"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(path), save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(str(path), so, providers=providers)
+    return ort.InferenceSession(str(model), so, providers=providers)
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+        ) -> dict[str, np.ndarray]:
+    """Run a session and return outputs by name."""
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))

@@ -1,0 +1,77 @@
+"""Latency measurement on onnxruntime: interleaved runs, medians, and a disk cache by key.
+
+Passes that must never make a model slower (quantize, lowrank) time the float
+and rewritten forms of one layer shape here. Runs of the candidates are
+interleaved so machine noise hits them alike; results are cached on disk by
+a key the caller builds from the layer's shape and options, and the onnxruntime
+version and thread count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxopt.runtime import make_session
+
+
+def cache_dir() -> Path:
+    """Where cached timings live: $ONNXOPT_CACHE or ~/.cache/onnxopt."""
+    return Path(os.environ.get("ONNXOPT_CACHE", Path.home() / ".cache" / "onnxopt"))
+
+
+def median_latencies(models: list[onnx.ModelProto | str], feeds: dict[str, np.ndarray], runs: int = 20,
+                     warmup: int = 3, threads: int = 2) -> list[float]:
+    """Median seconds per run of each model on the CPU EP, runs interleaved round-robin."""
+    sessions = [make_session(m, threads=threads) for m in models]
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feeds)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(x) for x in samples]
+
+
+class TimingCache:
+    """A JSON file of {key: [seconds, ...]} shared by the passes that time layer variants."""
+
+    def __init__(self, name: str, path: Path | None = None, threads: int = 2):
+        self.path = path or cache_dir() / f"timing-{name}-ort{ort.__version__}-t{threads}.json"
+        self.threads = threads
+        try:
+            self._data: dict[str, list[float]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._data = {}
+
+    def get(self, key: str) -> list[float] | None:
+        return self._data.get(key)
+
+    def put(self, key: str, values: list[float]) -> None:
+        self._data[key] = [float(v) for v in values]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._data, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache only costs time
+
+    def measure(self, key: str, models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = 20
+                ) -> list[float]:
+        """Cached `median_latencies` of `models` under `key`."""
+        hit = self.get(key)
+        if hit is not None and len(hit) == len(models):
+            return hit
+        values = median_latencies(models, feeds, runs=runs, threads=self.threads)
+        self.put(key, values)
+        return values

@@ -1,0 +1,600 @@
+"""`onnxopt validate REF CAND`: compare an optimized model with its original on execution providers.
+
+Three kinds of run, each in a worker process (`onnxopt.ep`):
+
+- REF on the CPU EP: the reference outputs (and REF's CPU latency);
+- CAND on the CPU EP with graph optimizations off: `pass` check, the error the
+  optimizer's passes made;
+- CAND on each target EP: `backend` check (against CAND on the CPU EP without
+  optimizations, i.e. the backend's own error) and `e2e` check (against REF,
+  what a deployment sees), plus node placement and CAND/REF latency.
+
+Thresholds follow the tolerance class of what the passes were allowed to change
+(`exact`, `approximate`, `quantize`, as in `onnxopt.check`). An EP that cannot
+run here is `skipped` with the reason, never `passed`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxopt.data import CalibrationData, Sample, model_inputs, seeded_inputs
+from onnxopt.ep import EP_PROVIDERS, provider_name
+from onnxopt.ep.envs import EpInterpreter, resolve_interpreter
+from onnxopt.ep.runner import WorkerJob, WorkerResult, run_worker, write_inputs
+from onnxopt.errors import UserError
+from onnxopt.kernels.metrics import cosine, max_abs_error, mean_abs_error, nan_inf_count, sqnr_db, topk_agreement
+from onnxopt.model_io import load_model, save_model
+from onnxopt.progress import progress
+from onnxopt.shapes import parse_input_shapes
+
+CPU = EP_PROVIDERS["cpu"]
+IGNORED_FALLBACK_OPS = {"MemcpyToHost", "MemcpyFromHost"}
+"""Nodes onnxruntime inserts itself to move data; on the CPU EP by design, not a fallback."""
+
+
+@dataclass
+class Thresholds:
+    """Limits on one comparison; None disables a limit.
+
+    An output within `atol + rtol * max|ref|` of the reference is equal to float
+    rounding and passes outright: cosine and SQNR of a near-zero output (a
+    detector's map on an empty image) measure only noise. `require_close` makes
+    that closeness itself a limit (exact passes).
+    """
+
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    require_close: bool = False
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+    min_topk: float | None = None
+    topk: int = 1
+
+    def looser(self, other: Thresholds) -> Thresholds:
+        """The limits that both `self` and `other` would accept (each field the looser one)."""
+        def lo(a, b):
+            return None if a is None or b is None else min(a, b)
+        return Thresholds(max(self.atol, other.atol), max(self.rtol, other.rtol),
+                          self.require_close and other.require_close, lo(self.min_cosine, other.min_cosine),
+                          lo(self.min_sqnr_db, other.min_sqnr_db), lo(self.min_topk, other.min_topk), self.topk)
+
+    def describe(self) -> str:
+        parts = [f"max_abs{'<=' if self.require_close else ' ok if <='}{self.atol:g}+{self.rtol:g}*max|ref|"]
+        if self.min_cosine is not None:
+            parts.append(f"cosine>={self.min_cosine:g}")
+        if self.min_sqnr_db is not None:
+            parts.append(f"sqnr>={self.min_sqnr_db:g}dB")
+        if self.min_topk is not None:
+            parts.append(f"top{self.topk}>={self.min_topk:g}")
+        return " ".join(parts)
+
+
+PASS_THRESHOLDS: dict[str, Thresholds] = {
+    "exact": Thresholds(require_close=True, min_cosine=0.99999, min_sqnr_db=60.0),
+    "approximate": Thresholds(min_cosine=0.98, min_sqnr_db=15.0, min_topk=0.9),
+    "quantize": Thresholds(min_cosine=0.99, min_sqnr_db=20.0, min_topk=0.9),
+}
+"""What a pipeline of each tolerance class may change (CAND vs REF, both on the CPU EP)."""
+
+BACKEND_THRESHOLDS: dict[str, Thresholds] = {
+    "exact": Thresholds(min_cosine=0.9999, min_sqnr_db=40.0),
+    "approximate": Thresholds(min_cosine=0.9999, min_sqnr_db=40.0),
+    "quantize": Thresholds(min_cosine=0.995, min_sqnr_db=25.0),
+}
+"""How far a backend may differ from the CPU EP on the same model (float kernels vs integer kernels)."""
+
+
+@dataclass
+class ThresholdSet:
+    """The limits of one validation: `pass` for the passes' error, `backend` for an EP's own error."""
+
+    tolerance: str = "exact"
+    pass_: Thresholds = field(default_factory=lambda: PASS_THRESHOLDS["exact"])
+    backend: Thresholds = field(default_factory=lambda: BACKEND_THRESHOLDS["exact"])
+
+    @classmethod
+    def for_tolerance(cls, tolerance: str, **overrides) -> ThresholdSet:
+        """Defaults of a tolerance class, with pass-limit overrides (`min_cosine=0.999`, ...)."""
+        if tolerance not in PASS_THRESHOLDS:
+            raise UserError(f"unknown tolerance {tolerance!r}; use one of: {', '.join(PASS_THRESHOLDS)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "atol" in given:  # an explicit max abs error is a hard limit
+            given.update(rtol=0.0, require_close=True)
+        return cls(tolerance, dataclasses.replace(PASS_THRESHOLDS[tolerance], **given),
+                   dataclasses.replace(BACKEND_THRESHOLDS[tolerance], topk=given.get("topk", 1)))
+
+
+@dataclass
+class OutputCheck:
+    """Worst-case metrics of one output over all samples, and the limits it broke."""
+
+    check: str  # "pass", "backend" or "e2e"
+    output: str
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    topk: float | None = None
+    nonfinite: int = 0
+    violations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Placement:
+    """Where onnxruntime put the nodes of CAND on one EP, read from the session."""
+
+    method: str
+    provider: str
+    total: int
+    on_target: int | None
+    subgraphs: int
+    fallback: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        short = self.provider.removesuffix("ExecutionProvider")
+        count = f"{self.on_target} of {self.total} nodes" if self.on_target is not None else "nodes"
+        text = f"{short}: {count}"
+        if self.provider != CPU:
+            text += f" in {self.subgraphs} subgraph{'s' if self.subgraphs != 1 else ''}"
+        if self.provider != CPU and self.fallback:
+            names = ", ".join(f"{n['name'] or '(unnamed)'} ({n['op_type']})" for n in self.fallback[:10])
+            more = f" and {len(self.fallback) - 10} more" if len(self.fallback) > 10 else ""
+            text += f"; fell back to CPU: {names}{more}"
+        return text + f" [{self.method}]"
+
+
+@dataclass
+class Latency:
+    """Median latency of REF and CAND on one EP after warm-up, with fixed threads."""
+
+    ref_ms: float | None
+    cand_ms: float | None
+    runs: int
+    threads: int
+
+    @property
+    def ratio(self) -> float | None:
+        return self.cand_ms / self.ref_ms if self.ref_ms and self.cand_ms else None
+
+
+@dataclass
+class EpReport:
+    """Everything validation found on one EP; status is passed, failed or skipped."""
+
+    ep: str
+    status: str = "passed"
+    reason: str = ""
+    interpreter: str = ""
+    ort_version: str = ""
+    checks: list[OutputCheck] = field(default_factory=list)
+    placement: Placement | None = None
+    latency: Latency | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValidationReport:
+    """The result of `validate`: the passes' own error, one `EpReport` per EP, and the verdict."""
+
+    ref: str
+    cand: str
+    inputs: str
+    samples: int
+    thresholds: ThresholdSet
+    pass_checks: list[OutputCheck] = field(default_factory=list)
+    pass_errors: list[str] = field(default_factory=list)
+    eps: list[EpReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """No violation and no failed run; skipped EPs do not pass, they are reported as skipped."""
+        return not self.pass_errors and not any(c.violations for c in self.pass_checks) and all(
+            e.status != "failed" for e in self.eps)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["thresholds"]["pass"] = d["thresholds"].pop("pass_")
+        d["passed"] = self.passed
+        for e, raw in zip(self.eps, d["eps"]):
+            if e.latency:
+                raw["latency"]["ratio"] = e.latency.ratio
+        return _json_safe(d)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        """Write the report as JSON through a temporary file, so a reader never sees half of it."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
+
+    def format_table(self) -> str:
+        """The human-readable report: per check and output a row of metrics, per EP placement and latency."""
+        t = self.thresholds
+        lines = [f"validate {self.ref} -> {self.cand}",
+                 f"inputs: {self.inputs}",
+                 f"tolerance {t.tolerance}: pass {t.pass_.describe()}; backend {t.backend.describe()}"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += ["", "passes (CAND vs REF, CPU EP, graph optimizations off)"]
+        lines += _table(self.pass_checks) + [f"  error: {e}" for e in self.pass_errors]
+        for e in self.eps:
+            head = f"{e.ep} [{e.status.upper()}]"
+            if e.ort_version:
+                head += f" onnxruntime {e.ort_version} ({e.interpreter})"
+            lines += ["", head]
+            if e.reason:
+                lines.append(f"  reason: {e.reason}")
+            lines += _table(e.checks)
+            if e.placement:
+                lines.append(f"  placement: {e.placement.summary()}")
+            if e.latency:
+                lat = e.latency
+                ratio = f"{lat.ratio:.2f}" if lat.ratio else "n/a"
+                lines.append(f"  latency: REF {_ms(lat.ref_ms)}, CAND {_ms(lat.cand_ms)}, CAND/REF {ratio} "
+                             f"(median of {lat.runs} runs, {lat.threads} thread{'s' if lat.threads != 1 else ''})")
+            lines += [f"  error: {err}" for err in e.errors]
+        skipped = [e.ep for e in self.eps if e.status == "skipped"]
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines += ["", f"result: {verdict}" + (f" (skipped: {', '.join(skipped)})" if skipped else "")]
+        return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return f"{v:.3f} ms" if v is not None else "n/a"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _table(checks: list[OutputCheck]) -> list[str]:
+    if not checks:
+        return []
+    rows = [("check", "output", "max_abs", "mean_abs", "cosine", "sqnr_db", "topk", "nan/inf", "result")]
+    for c in checks:
+        rows.append((c.check, c.output, _fmt(c.max_abs, ".3g"), _fmt(c.mean_abs, ".3g"), _fmt(c.cosine, ".6f"),
+                     _fmt(c.sqnr_db, ".1f"), _fmt(c.topk, ".3f"), str(c.nonfinite),
+                     "ok" if not c.violations else "FAIL: " + "; ".join(c.violations)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  " + "  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+
+
+def is_classifier_like(arr: np.ndarray) -> bool:
+    """Scores over classes: a float output of rank 2 or 3 whose last axis has at least 2 entries."""
+    return arr.dtype.kind == "f" and arr.ndim in (2, 3) and arr.shape[-1] >= 2
+
+
+def compare_outputs(check: str, refs: list[dict[str, np.ndarray]], cands: list[dict[str, np.ndarray]],
+                    limits: Thresholds) -> list[OutputCheck]:
+    """Compare two runs output by output over all samples, keep the worst metrics and judge them."""
+    results = []
+    for name in refs[0]:
+        oc = OutputCheck(check, name)
+        cosines, sqnrs, topks, means, scale = [], [], [], [], 0.0
+        for ref_s, cand_s in zip(refs, cands):
+            ref, cand = np.asarray(ref_s[name]), cand_s.get(name)
+            if cand is None or cand.shape != ref.shape:
+                got = "missing" if cand is None else f"shape {list(cand.shape)}"
+                oc.violations.append(f"{got}, expected shape {list(ref.shape)}")
+                break
+            if ref.dtype.kind not in "fiub":
+                break
+            oc.max_abs = max(oc.max_abs, max_abs_error(ref, cand))
+            means.append(mean_abs_error(ref, cand))
+            cosines.append(cosine(ref, cand))
+            sqnrs.append(sqnr_db(ref, cand))
+            oc.nonfinite += max(0, sum(nan_inf_count(cand).values()) - sum(nan_inf_count(ref).values()))
+            finite = ref[np.isfinite(ref)] if ref.dtype.kind == "f" else ref
+            scale = max(scale, float(np.abs(finite).max()) if finite.size else 0.0)
+            if is_classifier_like(ref):
+                topks.append(float(topk_agreement(ref, cand, min(limits.topk, ref.shape[-1]))))
+        oc.mean_abs = float(np.mean(means)) if means else 0.0
+        oc.cosine = _worst(cosines)
+        oc.sqnr_db = _worst(sqnrs)
+        oc.topk = min(topks) if topks else None
+        if not oc.violations:
+            oc.violations = judge(oc, limits, scale)
+        results.append(oc)
+    return results
+
+
+def _worst(values: list[float]) -> float | None:
+    """The lowest value, ignoring NaN (metrics of NaN outputs; those are counted apart)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return min(kept) if kept else None
+
+
+def _json_safe(value):
+    """Replace inf by "inf"/"-inf" and NaN by None so the report is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def judge(oc: OutputCheck, t: Thresholds, ref_scale: float) -> list[str]:
+    """The limits of `t` that the metrics of `oc` break, as readable phrases."""
+    out = [f"{oc.nonfinite} new NaN/Inf"] if oc.nonfinite else []
+    bound = t.atol + t.rtol * ref_scale
+    if oc.max_abs <= bound:
+        return out
+    if t.require_close:
+        out.append(f"max_abs {oc.max_abs:.3g} > {bound:.3g}")
+    if t.min_cosine is not None and oc.cosine is not None and oc.cosine < t.min_cosine:
+        out.append(f"cosine {oc.cosine:.6f} < {t.min_cosine:g}")
+    if t.min_sqnr_db is not None and oc.sqnr_db is not None and oc.sqnr_db < t.min_sqnr_db:
+        out.append(f"sqnr {oc.sqnr_db:.1f} dB < {t.min_sqnr_db:g} dB")
+    if t.min_topk is not None and oc.topk is not None and oc.topk < t.min_topk:
+        out.append(f"top{t.topk} agreement {oc.topk:.3f} < {t.min_topk:g}")
+    return out
+
+
+def read_placement(res: WorkerResult, provider: str, model: onnx.ModelProto) -> Placement | None:
+    """Summarise the worker's per-node placement: nodes on the target EP and those left to the CPU EP."""
+    raw = res.placement
+    if not raw:
+        return None
+    nodes = raw.get("nodes", [])
+    fallback = [n for n in nodes if n["ep"] != provider and n["op_type"] not in IGNORED_FALLBACK_OPS]
+    subgraphs = sum(1 for s in raw.get("subgraphs", []) if s["ep"] == provider)
+    if raw.get("method") == "assignment_info":
+        total = len([n for n in nodes if n["op_type"] not in IGNORED_FALLBACK_OPS])
+        on_target = total - len(fallback)
+    else:  # a profile lists compiled subgraphs as one node each: count against the model's node count
+        total = len(model.graph.node)
+        on_target = None if provider != CPU else len(nodes)
+        if provider != CPU and subgraphs:
+            on_target = max(total - len(fallback), 0)
+    return Placement(raw.get("method", "?"), provider, total, on_target, subgraphs,
+                     [] if provider == CPU else fallback)
+
+
+@dataclass
+class _Run:
+    """What `validate` needs to start workers: the stored inputs and run settings."""
+
+    inputs_npz: Path
+    input_names: list[str]
+    samples: int
+    threads: int
+    warmup: int
+    runs: int
+    timeout: float
+
+    def job(self, python: str, model: Path, provider: str, level: str = "all", timed: bool = False,
+            placement: bool = False, outputs: bool = True) -> WorkerResult:
+        options = {"num_of_threads": self.threads} if provider == EP_PROVIDERS["openvino"] else {}
+        job = WorkerJob(str(model), provider, options, level, self.threads,
+                        self.warmup if timed else 0, self.runs if timed else 0, placement, want_outputs=outputs)
+        return run_worker(python, job, self.inputs_npz, self.input_names, self.samples, timeout=self.timeout)
+
+
+def _failure(res: WorkerResult, what: str) -> str:
+    text = f"{what}: {res.error}"
+    if res.stderr_tail and res.status == "error":
+        text += "\n    stderr: " + res.stderr_tail[-600:].replace("\n", "\n    ")
+    return text
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def validate(ref: str | os.PathLike | onnx.ModelProto, cand: str | os.PathLike | onnx.ModelProto,
+             eps: tuple[str, ...] | list[str] = ("cpu",), data=None, samples: int = 8,
+             thresholds: ThresholdSet | None = None, require_no_fallback: bool = False,
+             seed: int = 0, input_shapes: dict[str, tuple[int, ...]] | None = None, threads: int = 1,
+             warmup: int = 3, runs: int = 10, timeout: float = 600.0,
+             ep_python: dict[str, str] | None = None) -> ValidationReport:
+    """Validate CAND against REF on the given EPs; see the module docstring for what runs where.
+
+    `data` is a calibration-format path or iterable of samples (else `samples`
+    seeded random inputs). `ep_python` names an interpreter per EP.
+    """
+    thresholds = thresholds or ThresholdSet()
+    eps = [e.lower() for e in eps]
+    for ep in eps:
+        provider_name(ep)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-validate-") as tmp:
+        tmpdir = Path(tmp)
+        ref_path, ref_model = _model_file(ref, tmpdir / "ref.onnx")
+        cand_path, cand_model = _model_file(cand, tmpdir / "cand.onnx")
+        names = list(model_inputs(ref_model))
+        if set(model_inputs(cand_model)) != set(names):
+            raise UserError(f"{cand_path}: inputs {sorted(model_inputs(cand_model))} differ from "
+                            f"{ref_path}'s {sorted(names)}; validate needs the same input names")
+        feeds, source, warnings = _inputs(ref_model, data, samples, seed, input_shapes)
+        write_inputs(tmpdir / "inputs.npz", feeds, names)
+        report = ValidationReport(str(ref_path if not isinstance(ref, onnx.ModelProto) else "<ref model>"),
+                                  str(cand_path if not isinstance(cand, onnx.ModelProto) else "<cand model>"),
+                                  source, len(feeds), thresholds, warnings=warnings)
+        run = _Run(tmpdir / "inputs.npz", names, len(feeds), threads, warmup, runs, timeout)
+        cpu = resolve_interpreter("cpu", (ep_python or {}).get("cpu"))
+        if not cpu.available:
+            raise UserError(f"the CPU EP cannot run: {cpu.reason}")
+        ref_run = run.job(cpu.python, ref_path, CPU, timed=True)
+        if not ref_run.ok:
+            report.pass_errors.append(_failure(ref_run, "REF on the CPU EP failed"))
+            for ep in eps:
+                report.eps.append(EpReport(ep, "failed", "no reference outputs"))
+            return report
+        plain = run.job(cpu.python, cand_path, CPU, level="disable")
+        if plain.ok:
+            report.pass_checks = compare_outputs("pass", ref_run.outputs, plain.outputs, thresholds.pass_)
+        else:
+            report.pass_errors.append(_failure(plain, "CAND on the CPU EP (optimizations off) failed"))
+        for ep in progress(eps, desc="validate EPs", total=len(eps), unit="EP"):
+            interp = cpu if ep == "cpu" else resolve_interpreter(ep, (ep_python or {}).get(ep))
+            report.eps.append(_validate_ep(interp, run, ref_path, cand_path, cand_model, ref_run, plain,
+                                           thresholds, require_no_fallback, reuse_ref=ep == "cpu"))
+        return report
+
+
+def _validate_ep(interp: EpInterpreter, run: _Run, ref_path: Path, cand_path: Path,
+                 cand_model: onnx.ModelProto, ref_run: WorkerResult, plain: WorkerResult,
+                 thresholds: ThresholdSet, require_no_fallback: bool, reuse_ref: bool) -> EpReport:
+    """The backend and end-to-end checks, placement and latency on one EP (REF's timing reused on CPU)."""
+    ep = interp.ep
+    if not interp.available:
+        return EpReport(ep, "skipped", interp.reason)
+    provider = provider_name(ep)
+    report = EpReport(ep, interpreter=interp.python, ort_version=interp.ort_version)
+    res = run.job(interp.python, cand_path, provider, timed=True, placement=True)
+    if res.status == "unavailable":
+        report.status, report.reason = "skipped", res.error
+        return report
+    if not res.ok:
+        report.status = "failed"
+        report.errors.append(_failure(res, f"CAND on {ep} failed"))
+        return report
+    if plain.ok:
+        report.checks += compare_outputs("backend", plain.outputs, res.outputs, thresholds.backend)
+    report.checks += compare_outputs("e2e", ref_run.outputs, res.outputs, thresholds.pass_.looser(thresholds.backend))
+    report.placement = read_placement(res, provider, cand_model)
+    ref_lat = ref_run if reuse_ref else run.job(
+        interp.python, ref_path, provider, timed=True, outputs=False)
+    if not ref_lat.ok:
+        report.errors.append(_failure(ref_lat, f"REF on {ep} failed (latency)"))
+    report.latency = Latency(_median(ref_lat.latency_ms), _median(res.latency_ms), run.runs, run.threads)
+    if any(c.violations for c in report.checks) or report.errors:
+        report.status = "failed"
+    if require_no_fallback and report.placement and report.placement.fallback and provider != CPU:
+        report.status = "failed"
+        report.errors.append(f"--require-no-fallback: {len(report.placement.fallback)} node(s) ran on the CPU EP")
+    return report
+
+
+def _model_file(model: str | os.PathLike | onnx.ModelProto, spill: Path) -> tuple[Path, onnx.ModelProto]:
+    """A path the workers can open, and the model (loaded without external weights) for its inputs."""
+    if isinstance(model, onnx.ModelProto):
+        save_model(model, spill)
+        return spill, model
+    path = Path(model)
+    return path, load_model(path, load_external=False)
+
+
+def _inputs(model: onnx.ModelProto, data, samples: int, seed: int,
+            input_shapes: dict | None) -> tuple[list[Sample], str, list[str]]:
+    """The samples to run: from calibration data, or seeded random ones with a warning."""
+    if data is not None:
+        source = CalibrationData(data, model, limit=samples)
+        feeds = list(progress(source, desc="loading samples", total=len(source), unit="sample"))
+        where = str(data) if isinstance(data, (str, os.PathLike)) else "given samples"
+        return feeds, f"{len(feeds)} samples from {where}", []
+    feeds = seeded_inputs(model, samples, seed, input_shapes)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds[0].items()) if feeds else ""
+    return (feeds, f"{len(feeds)} seeded random samples (seed {seed}): {shapes}",
+            ["random inputs are weak evidence of accuracy; pass --data with real samples"])
+
+
+def parse_eps(text: str) -> list[str]:
+    """`"cpu,openvino"` -> `["cpu", "openvino"]`, checking each name."""
+    eps = [e.strip().lower() for e in text.split(",") if e.strip()]
+    for ep in eps:
+        provider_name(ep)
+    return eps
+
+
+def parse_ep_python(specs: list[str] | None) -> dict[str, str]:
+    """`["openvino=/venv/bin/python"]` -> `{"openvino": "/venv/bin/python"}`."""
+    out = {}
+    for spec in specs or []:
+        ep, sep, py = spec.partition("=")
+        if not sep:
+            raise UserError(f"--ep-python {spec!r}: write EP=PATH, e.g. openvino=/opt/ov/bin/python")
+        provider_name(ep)
+        out[ep.lower()] = py
+    return out
+
+
+def add_validation_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Options of a validation: data, thresholds, runs, interpreters, report.
+
+    `optimize` adds them with `prefix="validate-"` (`--validate-data`, ...) so
+    they cannot clash with its own `--data` or `--report`.
+    """
+    g = parser.add_argument_group("validation")
+
+    def add(flag: str, **kw) -> None:
+        dest = kw.pop("dest", flag.replace("-", "_"))
+        g.add_argument(f"--{prefix}{flag}", dest=(prefix + dest).replace("-", "_"), **kw)
+
+    add("data", help="calibration-format inputs: a directory of .npz or one stacked .npz")
+    add("samples", type=int, default=8, help="samples to compare (default 8)")
+    add("seed", type=int, default=0, help="seed of the random inputs when no data is given")
+    add("input-shape", action="append", metavar="NAME=D0xD1..",
+        help="pin a dynamic input shape for random inputs (repeatable)")
+    add("tolerance", choices=sorted(PASS_THRESHOLDS),
+        help="what the passes were allowed to change (default: exact, or the pipeline's class)")
+    add("min-cosine", type=float, help="override the pass limit on cosine similarity")
+    add("min-sqnr", type=float, dest="min_sqnr_db", help="override the pass limit on SQNR (dB)")
+    add("max-abs", type=float, dest="atol", help="a hard limit on the max abs error of the passes")
+    add("min-topk", type=float, help="override the pass limit on top-k agreement")
+    add("topk", type=int, default=1, help="k of the top-k agreement (default 1)")
+    add("require-no-fallback", action="store_true",
+        help="fail when a node of CAND runs on the CPU EP instead of the target EP")
+    add("threads", type=int, default=1, help="intra-op threads of every session (default 1)")
+    add("warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    add("runs", type=int, default=10, help="timed runs; latency is their median (default 10)")
+    add("timeout", type=float, default=600.0, help="seconds before a worker is killed")
+    add("ep-python", action="append", metavar="EP=PATH",
+        help="interpreter that runs an EP's worker (also ONNXOPT_EP_PYTHON_<EP>)")
+    add("report", help="write the validation report as JSON here")
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `onnxopt validate REF CAND`."""
+    parser.add_argument("ref", help="the original model")
+    parser.add_argument("cand", help="the optimized model")
+    parser.add_argument("--ep", default="cpu", help="comma-separated EPs: cpu,openvino,cuda (default cpu)")
+    add_validation_options(parser)
+
+
+def validate_from_args(ref, cand, eps: list[str], args: argparse.Namespace, tolerance: str = "exact",
+                       prefix: str = "") -> ValidationReport:
+    """Run `validate` with the options of `add_validation_options(parser, prefix)`.
+
+    `tolerance` is the class used when the user gave none (for `optimize`, the pipeline's loosest).
+    """
+    def opt(name: str):
+        return getattr(args, (prefix + name).replace("-", "_"))
+
+    thresholds = ThresholdSet.for_tolerance(opt("tolerance") or tolerance, atol=opt("atol"),
+                                            min_cosine=opt("min_cosine"), min_sqnr_db=opt("min_sqnr_db"),
+                                            min_topk=opt("min_topk"), topk=opt("topk"))
+    return validate(ref, cand, eps, data=opt("data"), samples=opt("samples"), thresholds=thresholds,
+                    require_no_fallback=opt("require_no_fallback"), seed=opt("seed"),
+                    input_shapes=parse_input_shapes(opt("input_shape")), threads=opt("threads"),
+                    warmup=opt("warmup"), runs=opt("runs"), timeout=opt("timeout"),
+                    ep_python=parse_ep_python(opt("ep_python")))
+
+
+def finish(report: ValidationReport, report_path: str | None) -> int:
+    """Print the table, write the JSON report if asked, return the exit code (0 passed, 1 failed)."""
+    print(report.format_table())
+    if report_path:
+        report.write_json(report_path)
+    return 0 if report.passed else 1
+
+
+def run_validate_command(args: argparse.Namespace) -> int:
+    """`onnxopt validate`: returns 0 when every check passed, 1 on a violation or a failed run."""
+    for path in (args.ref, args.cand):
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such model file")
+    report = validate_from_args(args.ref, args.cand, parse_eps(args.ep), args)
+    return finish(report, args.report)

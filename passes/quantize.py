@@ -1,0 +1,429 @@
+"""Post-training INT8 quantization: calibrated QDQ placement that keeps accuracy and never slows the model.
+
+Weights are int8 symmetric (per output channel), biases int32, activations
+uint8 asymmetric (or int8 symmetric). Q/DQ goes only around the MAC layers
+(Conv, ConvTranspose, Gemm, MatMul) that onnxruntime's CPU EP turns into
+integer kernels, and only where that pays: each layer's float and QDQ forms
+are timed on onnxruntime (cached by shape), and layers whose int8 form is
+slower stay float. Then each remaining layer is quantized alone to measure
+its sensitivity (output SQNR), and the most sensitive ones are kept float
+until the whole model meets `target_sqnr`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from onnxopt.calibration import activation_histograms
+from onnxopt.graph import export_model, import_model
+from onnxopt.kernels.metrics import sqnr_db
+from onnxopt.kernels.bias_guard import bias_safe_weight_scales
+from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, quantize, quantize_bias, quantize_weight_per_channel,
+                                   quantize_weight_per_tensor, scale_zero_point, u8s8_saturates)
+from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
+from onnxopt.pass_base import Pass, PassContext, PassResult, option
+from onnxopt.qdq import (MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq, reduction_axes,
+                         single_layer_model, weight_axis)
+from onnxopt.registry import register_pass
+from onnxopt.runtime import make_session
+from onnxopt.shapes import TensorInfo, infer_tensor_info
+from onnxopt.stats import model_stats, node_macs
+from onnxopt.timing import TimingCache, median_latencies
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (u8s8 dot products without int16 saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_vnni|avx_vnni)\b", flags))
+
+
+@register_pass("quantize")
+class Quantize(Pass):
+    """Calibrated INT8 QDQ quantization, latency- and accuracy-aware, fused by onnxruntime's CPU EP."""
+
+    tolerance = "quantize"
+    needs_data = True
+
+    @dataclass
+    class Options:
+        method: str = option("percentile", "activation range method: minmax|percentile|entropy|mse")
+        percentile: float = option(99.999, "percentile for method=percentile")
+        per_channel: bool = option(True, "per-output-channel weight scales (else per tensor)")
+        activations: str = option("uint8", "uint8 (asymmetric) or int8 (symmetric) activations")
+        latency_aware: bool = option(True, "keep a layer float where its int8 form is not faster")
+        accuracy_aware: bool = option(True, "keep the most sensitive layers float until target_sqnr is met")
+        target_sqnr: float = option(35.0, "model output SQNR (dB) to reach on the calibration samples")
+        max_float_layers: int = option(-1, "at most this many layers kept float for accuracy (-1: no limit)")
+        sensitivity_samples: int = option(8, "calibration samples used for sensitivity and SQNR")
+        vnni: str = option("auto", "auto|yes|no: target a CPU with VNNI (no: 7-bit weights where u8s8 saturates)")
+        op_types: list[str] = option(list(MAC_OPS), "op types to quantize")
+        include: list[str] = option([], "regexes: only nodes whose name matches one are quantized")
+        exclude: list[str] = option([], "regexes: nodes whose name matches one stay float")
+        ranges: list[str] = option([], "per-tensor range overrides 'tensor=min:max'")
+        cache: bool = option(True, "cache calibration statistics on disk")
+        check_latency: bool = option(True, "time the whole float and int8 models once and report the ratio")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        if opts.method not in METHODS:
+            from onnxopt.errors import UserError
+            raise UserError(f"pass 'quantize': method must be one of {', '.join(METHODS)}, got '{opts.method}'")
+        data = ctx.require_calibration(self.name)
+        model = export_model(graph)
+        notes: list[str] = []
+        per_channel = opts.per_channel
+        if per_channel and _opset(model) < 13:
+            model, note = _upgrade_opset(model)
+            if note:
+                notes.append(note)
+                per_channel = False
+        work = _Work(model, data, opts, per_channel, notes)
+        final, layers_kept, details, stats, skipped = work.run()
+        if not layers_kept:
+            return PassResult(changed=False, stats=stats, skipped=skipped, details=details)
+        new = import_model(final)
+        graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
+        graph.opset, graph.import_domains = new.opset, new.import_domains
+        return PassResult(changed=True, stats=stats, skipped=skipped, details=details)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Convert to opset 13 (per-channel DequantizeLinear); on failure keep the model and say why."""
+    try:
+        converted = onnx.version_converter.convert_version(model, 13)
+        onnx.checker.check_model(converted)
+        return converted, None
+    except Exception as exc:  # the converter raises many kinds of errors
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return model, f"opset {_opset(model)} could not be upgraded to 13 ({reason}): per-tensor weights"
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node values by tensor name."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Work:
+    """One run of the pass over a ModelProto (state shared by the steps)."""
+
+    def __init__(self, model: onnx.ModelProto, data, opts: "Quantize.Options", per_channel: bool,
+                 notes: list[str]):
+        self.model, self.data, self.opts, self.per_channel, self.notes = model, data, opts, per_channel, notes
+        self.act_type = "int8" if opts.activations == "int8" else "uint8"
+        self.vnni = cpu_has_vnni() if opts.vnni == "auto" else opts.vnni in ("yes", "true", "1")
+        self.consts = _constants(model)
+        self.nodes = {n.name: n for n in model.graph.node}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for n in model.graph.node:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+            for t in n.output:
+                self.producer[t] = n
+        self.skipped: list[dict[str, str]] = []
+        self.rows: dict[str, dict] = {}
+
+    # ---- which layers -------------------------------------------------------------------------
+    def candidates(self) -> list[onnx.NodeProto]:
+        """MAC nodes with constant float weights that pass the include/exclude filters."""
+        found = []
+        for i, n in enumerate(self.model.graph.node):
+            if not n.name:
+                n.name = f"{n.op_type}_{i}"
+            if n.op_type not in self.opts.op_types or n.op_type not in MAC_OPS:
+                continue
+            if self.opts.include and not any(re.search(p, n.name) for p in self.opts.include):
+                continue
+            if any(re.search(p, n.name) for p in self.opts.exclude):
+                self.rows[n.name] = {"node": n.name, "op": n.op_type, "int8": False, "why": "excluded"}
+                continue
+            reason = self._unsupported(n)
+            if reason:
+                self.skipped.append({"node": n.name, "op": n.op_type, "reason": reason})
+                continue
+            found.append(n)
+        self.nodes = {n.name: n for n in self.model.graph.node}
+        return found
+
+    def _unsupported(self, n: onnx.NodeProto) -> str | None:
+        if len(n.input) < 2 or n.input[1] not in self.consts:
+            return "weight is not a constant"
+        if n.input[0] in self.consts:
+            return "input is a constant (fold it first)"
+        w = self.consts[n.input[1]]
+        if w.dtype != np.float32:
+            return f"weight dtype {w.dtype} is not float32"
+        if len(n.input) > 2 and n.input[2] and n.input[2] not in self.consts:
+            return "bias is not a constant"
+        if n.op_type == "MatMul" and w.ndim != 2:
+            return "MatMul weight is not 2-D"
+        if n.op_type == "Gemm" and (_attr(n, "transA", 0) or _attr(n, "alpha", 1.0) != 1.0
+                                    or _attr(n, "beta", 1.0) != 1.0):
+            return "Gemm with transA or alpha/beta != 1"
+        if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] and self.consts[n.input[2]].ndim != 1:
+            return "Gemm bias is not 1-D"
+        return None
+
+    # ---- activation ranges ----------------------------------------------------------------------
+    def act_params(self, layers: list[onnx.NodeProto]) -> dict[str, ActParams]:
+        """Scale/zero point of every layer input and output from calibration (pass-through inputs reuse
+        the scale of the quantized tensor they come from, so onnxruntime can drop their Q/DQ)."""
+        source = {}
+        for n in layers:
+            t = n.input[0]
+            while t in self.producer and self.producer[t].op_type in PASS_THROUGH_OPS \
+                    and len(self.consumers.get(t, [])) == 1:
+                t = self.producer[t].input[0]
+            source[n.input[0]] = t
+        tensors = sorted({n.output[0] for n in layers} | set(source.values()) | set(source))
+        hists = activation_histograms(self.model, self.data, tensors, cache=self.opts.cache,
+                                      desc="quantize: calibrating", shapes=self.shapes)
+        overrides = {}
+        for text in self.opts.ranges:
+            name, _, rng = text.partition("=")
+            lo, _, hi = rng.partition(":")
+            overrides[name] = (float(lo), float(hi))
+        params = {}
+        for t in tensors:
+            lo, hi = overrides.get(t) or self._range(hists[t])
+            params[t] = ActParams(*scale_zero_point(lo, hi, self.act_type, symmetric=self.act_type == "int8"))
+            self.ranges[t] = (lo, hi)
+        for t, src in source.items():
+            params[t] = params[src]
+        return params
+
+    def _range(self, hist) -> tuple[float, float]:
+        m, sym = self.opts.method, self.act_type == "int8"
+        if m == "minmax":
+            return range_minmax(hist)
+        if m == "percentile":
+            return range_percentile(hist, self.opts.percentile, symmetric=sym)
+        if m == "entropy":
+            return range_entropy(hist, symmetric=sym)
+        return range_mse(hist, symmetric=sym)
+
+    # ---- weights --------------------------------------------------------------------------------
+    def quantize_layer(self, n: onnx.NodeProto, x: ActParams) -> LayerQuant | str:
+        """Int8 weight (7-bit where u8s8 would saturate on a non-VNNI CPU) and int32 bias, or why not."""
+        w = self.consts[n.input[1]]
+        axis = weight_axis(n) if self.per_channel else None
+        notes = []
+
+        def weights(reduce: bool):
+            if axis is None:
+                q, s, z = quantize_weight_per_tensor(w, reduce_range=reduce)
+                return q, np.asarray(s), np.asarray(z)
+            return quantize_weight_per_channel(w, axis, reduce_range=reduce)
+
+        q, s, z = weights(False)
+        if not self.vnni and self.act_type == "uint8" and u8s8_saturates(q, reduction_axes(n, w.ndim)):
+            q, s, z = weights(True)
+            notes.append("7-bit weights (u8s8 saturation without VNNI)")
+        bq = bs = None
+        if len(n.input) > 2 and n.input[2]:
+            bias = self.consts[n.input[2]]
+            try:
+                bq, bs = quantize_bias(bias, x.scale, s)
+            except BiasQuantizationError as exc:
+                s = bias_safe_weight_scales(s, bias, float(x.scale), BIAS_MIN_SCALE)
+                qmax = 63 if notes else 127  # notes holds the 7-bit choice made above
+                q = np.clip(quantize(w, s, np.zeros(np.shape(s), np.int8), np.int8, axis=axis), -qmax, qmax
+                            ).astype(np.int8)
+                notes.append(f"weight scales widened on {len(exc.channels)} channel(s) for an int32 bias")
+                try:
+                    bq, bs = quantize_bias(bias, x.scale, s)
+                except BiasQuantizationError as exc2:
+                    return f"bias not representable in int32 ({exc2})"
+            if axis is None:
+                bs = np.asarray(bs).reshape(())
+        return LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis, bq, bs, notes)
+
+    # ---- latency --------------------------------------------------------------------------------
+    def faster_in_int8(self, n: onnx.NodeProto, lq: LayerQuant, acts: dict[str, ActParams],
+                       shape: tuple[int, ...] | None, cache: TimingCache) -> tuple[bool, float | None]:
+        """Time the float and QDQ forms of this layer shape; int8 is kept only where it is faster."""
+        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+            return True, None
+        weights = {k: self.consts[k] for k in n.input[1:] if k}
+        float_model = single_layer_model(n, weights, shape, _opset(self.model))
+        layer = float_model.graph.node[0]
+        lq_local = LayerQuant(layer.name, lq.weight_q, lq.weight_scale, lq.weight_zp, lq.axis, lq.bias_q,
+                              lq.bias_scale)
+        q_model = apply_qdq(float_model, {"x": acts[n.input[0]], "y": acts[n.output[0]]}, [lq_local])
+        attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)
+        key = json.dumps([n.op_type, shape, list(self.consts[n.input[1]].shape), len(n.input) > 2, attrs,
+                          self.act_type, lq.axis is not None])
+        feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        t_float, t_int8 = cache.measure(key, [float_model, q_model], feeds)
+        ratio = t_int8 / t_float if t_float > 0 else 1.0
+        return ratio < 1.0, ratio
+
+    # ---- accuracy -------------------------------------------------------------------------------
+    def build(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> onnx.ModelProto:
+        """The QDQ model for `layers`: their inputs quantized, Conv outputs always (QLinearConv needs the Q),
+        Gemm/MatMul outputs only when every consumer is a quantized layer."""
+        kept = {lq.node for lq in layers}
+        tensors: dict[str, ActParams] = {}
+        for lq in layers:
+            n = self.nodes[lq.node]
+            tensors[n.input[0]] = acts[n.input[0]]
+            out = n.output[0]
+            users = self.consumers.get(out, [])
+            if n.op_type in ("Conv", "ConvTranspose") or (users and all(u.name in kept for u in users)):
+                tensors[out] = acts[out]
+        return apply_qdq(self.model, tensors, layers)
+
+    def output_sqnr(self, model: onnx.ModelProto) -> float:
+        """Mean over samples of the SQNR (dB) of all model outputs against float."""
+        sess = make_session(model)
+        vals = []
+        for feeds, ref in zip(self.samples, self.reference):
+            out = sess.run(None, feeds)
+            vals.append(min(sqnr_db(r, o) for r, o in zip(ref, out)))
+        return float(np.mean(np.minimum(vals, 200.0)))
+
+    def never_slower(self, acts, layers, kept, final, stats):
+        """Time the whole float and int8 models; while int8 is slower keep only layers with larger
+        per-layer gains (ratio thresholds 0.8, 0.6), and give up (float model) if it stays slower."""
+        ratio = 1.0
+        for limit in (None, 0.8, 0.6):
+            if limit is not None:
+                kept = [k for k in kept if (self.rows[k].get("int8_latency_ratio") or 1.0) < limit]
+                for name in set(layers) - set(kept):
+                    if self.rows[name].get("why") is None:
+                        self.rows[name].update(int8=False, why=f"whole model slower; gain below {limit}")
+                if not kept:
+                    break
+                final = self.build(acts, [layers[k] for k in kept])
+            t_float, t_int8 = median_latencies([self.model, final], self.samples[0], runs=15)
+            ratio = t_int8 / t_float
+            stats.setdefault("latency_ratio_tries", []).append(round(ratio, 3))
+            if ratio <= 1.0:
+                stats["latency_ratio"] = round(ratio, 3)
+                return final, kept
+        self.notes.append(f"int8 model stayed slower than float ({ratio:.2f}x): left float")
+        for name in kept:
+            self.rows[name].update(int8=False, why="whole model slower in int8")
+        return self.model, []
+
+    # ---- the pass -------------------------------------------------------------------------------
+    def run(self):
+        self.ranges: dict[str, tuple[float, float]] = {}
+        cands = self.candidates()
+        stats: dict = {"candidates": len(cands), "method": self.opts.method, "per_channel": self.per_channel,
+                       "activations": self.act_type, "vnni": self.vnni, "notes": self.notes}
+        if not cands:
+            return self.model, [], list(self.rows.values()), stats, self.skipped
+        first = next(iter(self.data))
+        shapes = {k: tuple(v.shape) for k, v in first.items()}
+        info = infer_tensor_info(self.model, shapes)
+        macs = dict(model_stats(self.model, shapes).macs_by_node)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        acts = self.act_params(cands)
+        for t, shp in self.shapes.items():  # observed shapes beat static inference (dynamic reshapes)
+            info[t] = TensorInfo(onnx.TensorProto.FLOAT, shp)
+        for n in self.model.graph.node:
+            if n.op_type in MAC_OPS and (macs.get(n.name) or 0) <= 0:
+                macs[n.name] = node_macs(n, info) or 0
+        layers: dict[str, LayerQuant] = {}
+        for n in cands:
+            row = self.rows.setdefault(n.name, {"node": n.name, "op": n.op_type, "macs": int(macs.get(n.name) or 0)})
+            row.update({"input_scale": float(acts[n.input[0]].scale), "output_scale": float(acts[n.output[0]].scale),
+                        "input_range": self.ranges.get(n.input[0])})
+            lq = self.quantize_layer(n, acts[n.input[0]])
+            if isinstance(lq, str):
+                row.update(int8=False, why=lq)
+                continue
+            row["weight_scale"] = [float(np.min(lq.weight_scale)), float(np.max(lq.weight_scale))]
+            if lq.notes:
+                row["notes"] = lq.notes
+            layers[n.name] = lq
+        if self.opts.latency_aware:
+            cache = TimingCache("quantize")
+            for name in list(layers):
+                n = self.nodes[name]
+                ti = info.get(n.input[0])
+                fast, ratio = self.faster_in_int8(n, layers[name], acts, ti.shape if ti else None, cache)
+                self.rows[name]["int8_latency_ratio"] = None if ratio is None else round(ratio, 3)
+                if not fast:
+                    self.rows[name].update(int8=False, why=f"int8 slower ({ratio:.2f}x float)")
+                    del layers[name]
+        self.samples = [s for _, s in zip(range(max(1, self.opts.sensitivity_samples)), self.data)]
+        float_sess = make_session(self.model)
+        self.reference = [float_sess.run(None, s) for s in self.samples]
+        del float_sess
+        kept = list(layers)
+        if self.opts.accuracy_aware and layers:
+            sens = {}
+            for name in kept:
+                sens[name] = self.output_sqnr(self.build(acts, [layers[name]]))
+                self.rows[name]["sensitivity_sqnr_db"] = round(sens[name], 2)
+            order = sorted(kept, key=lambda k: sens[k])
+            limit = len(order) if self.opts.max_float_layers < 0 else min(self.opts.max_float_layers, len(order))
+            memo: dict[int, float] = {}
+
+            def sqnr_with_float(k: int) -> float:
+                if k not in memo:
+                    memo[k] = self.output_sqnr(self.build(acts, [layers[x] for x in order[k:]])) \
+                        if k < len(order) else float("inf")
+                return memo[k]
+
+            if sqnr_with_float(0) >= self.opts.target_sqnr:
+                k = 0
+            elif sqnr_with_float(limit) < self.opts.target_sqnr:
+                k = limit
+            else:
+                lo, hi = 0, limit  # sqnr(lo) < target <= sqnr(hi)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if sqnr_with_float(mid) >= self.opts.target_sqnr:
+                        hi = mid
+                    else:
+                        lo = mid
+                k = hi
+            for name in order[:k]:
+                self.rows[name].update(int8=False, why=f"sensitive (alone {sens[name]:.1f} dB)")
+            kept = order[k:]
+            stats["sqnr_all_int8_db"] = round(sqnr_with_float(0), 2)
+        final = self.build(acts, [layers[k] for k in kept]) if kept else self.model
+        if kept and self.opts.check_latency:
+            final, kept = self.never_slower(acts, layers, kept, final, stats)
+        for name in kept:
+            self.rows[name].update(int8=True, why="faster and accurate enough" if self.opts.latency_aware
+                                   else "quantized")
+        total = sum(int(macs.get(n.name) or 0) for n in cands) or 1
+        all_macs = sum(int(v or 0) for k, v in macs.items()
+                       if k in self.nodes and self.nodes[k].op_type in MAC_OPS) or 1
+        int8_macs = sum(int(macs.get(k) or 0) for k in kept)
+        stats.update(int8_layers=len(kept), float_layers=len(cands) - len(kept),
+                     int8_mac_share=round(int8_macs / all_macs, 4), int8_candidate_mac_share=round(int8_macs / total, 4))
+        if kept:
+            stats["output_sqnr_db"] = round(self.output_sqnr(final), 2)
+        return final, kept, list(self.rows.values()), stats, self.skipped
