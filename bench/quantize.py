@@ -47,11 +47,13 @@ else:
         def get_next(s):
             p = next(s.it, None)
             return None if p is None else dict(np.load(p))
+    import onnx
     pre = dst + ".pre.onnx"
+    onnx.save(onnx.version_converter.convert_version(onnx.load(src), 13), pre)  # per-channel needs opset 13
     try:
-        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        quant_pre_process(pre, pre, skip_symbolic_shape=True)
     except Exception:
-        pre = src
+        pass
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[kind]
     quantize_static(pre, dst, R(), quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=method)

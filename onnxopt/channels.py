@@ -196,7 +196,12 @@ class _Builder:
         self.cg.tensors[t.name] = (axis, ids)
 
     # ---- the walk ---------------------------------------------------------
+    def label(self, node: gs.Node) -> str:
+        """The node's name, or op and position for unnamed nodes."""
+        return node.name or f"{node.op}_{self.position[id(node)]}"
+
     def run(self) -> ChannelGroups:
+        self.position = {id(n): k for k, n in enumerate(self.graph.nodes)}
         for node in self.graph.nodes:
             tracked = [t for t in node.inputs if t.name in self.cg.tensors]
             if node.op not in REDUCER_OPS and not tracked:
@@ -205,7 +210,7 @@ class _Builder:
                 getattr(self, f"_op_{node.op}", self._op_default)(node)
             except _Unsupported as exc:
                 for t in tracked:
-                    self.mark(self.cg.tensors[t.name][1], f"{node.op} '{node.name}': {exc}")
+                    self.mark(self.cg.tensors[t.name][1], f"{node.op} '{self.label(node)}': {exc}")
                 for t in node.outputs:
                     self.cg.tensors.pop(t.name, None)
         for t in self.graph.outputs:
@@ -271,7 +276,7 @@ class _Builder:
     def _op_Conv(self, node: gs.Node) -> None:
         w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
         x = self._in(node, 0)
-        name = f"Conv '{node.name}'"
+        name = f"Conv '{self.label(node)}'"
         if w is None:
             raise _Unsupported("dynamic weights")
         if x is not None and x[0] != 1:
@@ -282,7 +287,7 @@ class _Builder:
         if group == 1:
             if x is not None:
                 self.site("const", node, 1, 1, x[1])
-            out = self.new_ids(cout, node.name)
+            out = self.new_ids(cout, self.label(node))
             self.cg.reducers.append(Reducer(node, out, x[1] if x is not None else None,
                                             node.inputs[0].name if x is not None else None))
         elif cin_g == 1 and x is not None and len(x[1]) == group:
@@ -293,7 +298,7 @@ class _Builder:
         else:
             if x is not None:
                 self.mark(x[1], f"{name}: grouped conv (group={group}) keeps per-group counts equal")
-            out = self.new_ids(cout, node.name, f"{name}: output of a grouped conv (group={group})")
+            out = self.new_ids(cout, self.label(node), f"{name}: output of a grouped conv (group={group})")
         self.site("const", node, 1, 0, out)
         if has_bias:
             if const_value(node.inputs[2]) is None:
@@ -310,7 +315,7 @@ class _Builder:
             raise _Unsupported("channels not on axis 1")
         if x is not None:
             self.site("const", node, 1, 0, x[1])
-        out = self.new_ids(int(w.shape[1]), node.name)
+        out = self.new_ids(int(w.shape[1]), self.label(node))
         self.site("const", node, 1, 1, out)
         if len(node.inputs) > 2 and node.inputs[2].name:
             self.site("const", node, 2, 0, out)
@@ -327,18 +332,18 @@ class _Builder:
             raise _Unsupported("channels not on axis 1")
         tb = int(node.attrs.get("transB", 0))
         k_axis, n_axis = (1, 0) if tb else (0, 1)
-        out = self.new_ids(int(b.shape[n_axis]), node.name)
+        out = self.new_ids(int(b.shape[n_axis]), self.label(node))
         if x is not None:
             self.site("const", node, 1, k_axis, x[1])
         self.site("const", node, 1, n_axis, out)
         if len(node.inputs) > 2 and node.inputs[2].name:
             c = const_value(node.inputs[2])
             if c is None:
-                self.mark(out, f"Gemm '{node.name}': dynamic C")
+                self.mark(out, f"Gemm '{self.label(node)}': dynamic C")
             elif c.ndim >= 1 and c.shape[-1] == len(out) and (c.ndim == 1 or c.shape[0] == 1):
                 self.site("const", node, 2, c.ndim - 1, out)
             elif c.size != 1:
-                self.mark(out, f"Gemm '{node.name}': C is not per-column")
+                self.mark(out, f"Gemm '{self.label(node)}': C is not per-column")
         self.cg.reducers.append(Reducer(node, out, x[1] if x is not None else None,
                                         node.inputs[0].name if x is not None else None))
         self.track(node.outputs[0], 1, out)
@@ -353,14 +358,14 @@ class _Builder:
             raise _Unsupported("channels not on the last axis")
         if x is not None:
             self.site("const", node, 1, 0, x[1])
-        out = self.new_ids(int(b.shape[1]), node.name)
+        out = self.new_ids(int(b.shape[1]), self.label(node))
         self.site("const", node, 1, 1, out)
         self.cg.reducers.append(Reducer(node, out, x[1] if x is not None else None,
                                         node.inputs[0].name if x is not None else None))
         if rank is not None:
             self.track(node.outputs[0], rank - 1, out)
         else:
-            self.mark(out, f"MatMul '{node.name}': unknown rank")
+            self.mark(out, f"MatMul '{self.label(node)}': unknown rank")
 
     # ---- per-channel ops ---------------------------------------------------
     def _norm_params(self, node: gs.Node, indices: range) -> None:
@@ -611,7 +616,7 @@ class _Builder:
             shape = self.shape(t)
             if shape is None or not isinstance(shape[axis], int):
                 raise _Unsupported(f"input '{t.name}' has an unknown channel count")
-            parts.append(self.new_ids(shape[axis], t.name, f"Concat '{node.name}': input '{t.name}' is untracked"))
+            parts.append(self.new_ids(shape[axis], t.name, f"Concat '{self.label(node)}': input '{t.name}' is untracked"))
         self.track(node.outputs[0], axis, np.concatenate(parts))
 
     def _op_Split(self, node: gs.Node) -> None:

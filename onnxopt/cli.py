@@ -30,7 +30,7 @@ Typical use:
   onnxopt demo                                                    # the whole job on PP-OCR's classifier
 
 Pipelines are comma-separated passes with options in braces:
-  fold,fuse,prune{macs=0.3,multiple=8},quantize{method=entropy}
+  fold,fuse,prune{macs=0.3,round_to=8},quantize{method=entropy}
 Calibration data: a directory of .npz files (one sample each, keys = input names)
 or one .npz whose arrays carry a leading sample axis.
 Exit codes: 0 ok, 1 check/validation failed, 2 bad input, 3 internal error.
@@ -180,7 +180,7 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         print(f"{name}{'' if origin == 'builtin' else f'  (plugin: {origin})'}")
         print(f"    {cls.summary()}")
         for oname, otype, default, helptext in cls.option_docs():
-            print(f"    {oname}={default!s:<8} ({otype}) {helptext}")
+            print(f"    {oname:<16} {otype:<12} default {default!s:<10} {helptext}")
         print()
     print("presets: " + ", ".join(f"{k} = {v}" for k, v in PRESETS.items()))
     for ep, err in PLUGIN_ERRORS.items():
@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as exc:
         print(f"onnxopt: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK
+    except BrokenPipeError:  # `onnxopt passes | head`: the reader left, nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt as exc:
         print(f"onnxopt: interrupted ({exc or 'SIGINT'}); no output written", file=sys.stderr)
         return 130

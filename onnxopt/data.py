@@ -7,6 +7,7 @@ Samples are read lazily, one at a time, so memory stays flat.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import zipfile
@@ -130,6 +131,21 @@ class CalibrationData:
                 raise UserError(f"{where}: input '{name}' contains NaN or Inf values")
             out[name] = arr
         return out
+
+    def subset(self, start: int, stop: int) -> "CalibrationData":
+        """Samples [start, stop) as a CalibrationData (a directory reads only their files), for sharded work."""
+        part = copy.copy(self)
+        stop = min(stop, len(self))
+        if self._paths is not None:
+            part._paths = self._paths[start:stop]
+        elif self._items is not None:
+            part._items = self._items[start:stop]
+        else:
+            with np.load(self._stacked, allow_pickle=False) as z:
+                arrays = {k: z[k][start:stop] for k in z.files}
+            part._items = [{k: v[i] for k, v in arrays.items()} for i in range(stop - start)]
+        part.limit = None
+        return part
 
     def fingerprint(self) -> str:
         """Hash of the data's bytes (for caching statistics on disk)."""

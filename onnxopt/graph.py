@@ -25,7 +25,39 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     graph._onnxopt_metadata = [(p.key, p.value) for p in model.metadata_props]
     graph._onnxopt_ir_version = model.ir_version
     graph._onnxopt_functions = list(model.functions)
+    graph._onnxopt_io_types = _unexportable_io_types(model.graph)
     return graph
+
+
+#: Value types onnx-graphsurgeon can export; graph inputs/outputs of other types (optional, map) are restored on export.
+_GS_TYPES = ("tensor_type", "sequence_type", "sparse_tensor_type")
+
+
+def _unexportable_io_types(g: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Declared types of the graph inputs/outputs (subgraphs included) that gs cannot write back."""
+    out: dict[str, onnx.TypeProto] = {}
+    stack = [g]
+    while stack:
+        cur = stack.pop()
+        for vi in list(cur.input) + list(cur.output):
+            if vi.type.WhichOneof("value") not in (None, *_GS_TYPES):
+                out[vi.name] = vi.type
+        for node in cur.node:
+            for a in node.attribute:
+                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
+    return out
+
+
+def _restore_io_types(g: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
+    stack = [g]
+    while stack:
+        cur = stack.pop()
+        for vi in list(cur.input) + list(cur.output):
+            if vi.name in types:
+                vi.type.CopyFrom(types[vi.name])
+        for node in cur.node:
+            for a in node.attribute:
+                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
 
 
 def _ir_version_for(graph: gs.Graph, original: int | None) -> int:
@@ -43,7 +75,18 @@ def export_model(graph: gs.Graph, sort: bool = True) -> onnx.ModelProto:
     """Turn the gs.Graph back into a ModelProto with the original model-level fields."""
     if sort:
         toposort(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    types = getattr(graph, "_onnxopt_io_types", {})
+    hidden = [(t, t.dtype) for g in iter_graphs(graph) for t in list(g.inputs) + list(g.outputs)
+              if getattr(t, "type", "tensor_type") not in _GS_TYPES and t.name in types]
+    for t, _ in hidden:
+        t.dtype = None  # gs would fail on optional/map types: export untyped, then restore the declared type
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, dtype in hidden:
+            t.dtype = dtype
+    if types:
+        _restore_io_types(model.graph, types)
     for field, value in getattr(graph, "_onnxopt_model_fields", {}).items():
         setattr(model, field, value)
     del model.metadata_props[:]

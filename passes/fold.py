@@ -393,6 +393,8 @@ def _reshape_target(items: tuple, data_info, allowzero: int) -> np.ndarray | Non
     symbol) becomes 0 ("copy", when allowzero is off); one remaining unknown
     becomes -1 (inferred from the element count). Dynamic sizes stay dynamic.
     """
+    if sum(not isinstance(d, int) for d in items) == 1 and -1 not in items:
+        return np.array([d if isinstance(d, int) else -1 for d in items], dtype=np.int64)
     dims = data_info.shape if data_info is not None and data_info.shape is not None else ()
     out: list[int | None] = []
     for i, d in enumerate(items):

@@ -105,12 +105,13 @@ def _apply_affine(graph: gs.Graph, p: gs.Node, a: np.ndarray | None, c: np.ndarr
     a = np.ones(channels) if a is None else a
     c = np.zeros(channels) if c is None else c
     b = constant_value(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2].name else None
-    if p.op == "Gemm":
+    w_scale = a
+    if p.op == "Gemm":  # y = alpha * x @ W + beta * b  ->  alpha and beta go into W and b
         alpha, beta = float(p.attrs.get("alpha", 1.0)), float(p.attrs.get("beta", 1.0))
-        a = a * alpha
+        w_scale = a * alpha
         b = None if b is None else b.astype(np.float64) * beta
         p.attrs["alpha"], p.attrs["beta"] = 1.0, 1.0
-    new_w = scale_output_channels(w, a, axis, groups)
+    new_w = scale_output_channels(w, w_scale, axis, groups)
     new_b = affine_bias(None if b is None else b.reshape(-1), a, c, channels, w.dtype)
     p.inputs[1] = gs.Constant(unique_name(graph, f"{p.name or p.op}_W_fused"), new_w)
     bias = gs.Constant(unique_name(graph, f"{p.name or p.op}_B_fused"), new_b)

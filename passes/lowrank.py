@@ -54,6 +54,8 @@ class _Layer:
     rank: int = 0
     cap: int = 0
     row: dict[str, Any] = field(default_factory=dict)
+    #: Layers sharing one first factor (a group reading the same input); empty for a single layer.
+    members: list["_Layer"] = field(default_factory=list)
 
     @property
     def m(self) -> int:
@@ -96,7 +98,8 @@ class LowRank(Pass):
 
     @dataclass
     class Options:
-        energy: float = option(0.98, "per-layer share of singular-value energy to keep (when no budget is given)")
+        energy: float = option(0.98, "per-layer share of the (whitened, with data) spectrum's energy to keep, "
+                                     "when no global budget is given")
         params: float | None = option(None, "global budget: fraction of the factorizable layers' parameters to "
                                             "remove (e.g. 0.3)")
         error: float | None = option(None, "global budget: root-sum-square of the layers' relative output "
@@ -107,7 +110,10 @@ class LowRank(Pass):
         min_speedup: float = option(1.05, "factorize only where dense/factorized time >= this")
         rounds: int = option(4, "budget re-allocations after layers lose to their dense form in timing")
         measure: int = option(4, "calibration samples for the measured (in-model) error; 0 = skip")
-        ops: list[str] = option(["Gemm", "MatMul", "Conv"], "layer types to factorize (Conv: 1x1 only)")
+        ops: list[str] = option(["Gemm", "MatMul"], "layer types to factorize; add Conv for 1x1 convolutions "
+                                                    "(opt-in: errors in a CNN backbone compound, see bench/lowrank)")
+        share: bool = option(False, "layers reading the same input (Q, K, V projections) share the first "
+                                    "factor: x A is computed once")
         min_params: int = option(1024, "leave layers with fewer weight parameters alone")
         eps: float = option(1e-6, "damping of the covariance, relative to its mean diagonal")
 
@@ -115,12 +121,18 @@ class LowRank(Pass):
         o = self.options
         if o.method not in ("auto", "whiten", "svd"):
             raise UserError(f"pass 'lowrank': method must be auto, whiten or svd, got '{o.method}'")
+        if set(o.ops) - {"Gemm", "MatMul", "Conv"}:
+            raise UserError(f"pass 'lowrank': ops may name Gemm, MatMul and Conv, got '{'|'.join(o.ops)}'")
         whiten = o.method == "whiten" or (o.method == "auto" and ctx.calibration is not None)
         if whiten:
             ctx.require_calibration(self.name)
         skipped: list[dict[str, str]] = []
         layers = self._collect(graph, skipped)
-        stats: dict[str, Any] = {"candidates": len(layers), "method": "whiten" if whiten else "svd"}
+        if o.share:
+            layers = _share(layers)
+        budget = {"params": o.params} if o.params is not None else {"error": o.error} if o.error is not None \
+            else {"energy": o.energy}
+        stats: dict[str, Any] = {"candidates": len(layers), "method": "whiten" if whiten else "svd", **budget}
         if not layers or (o.params is not None and o.params <= 0) or (o.error is not None and o.error <= 0):
             return PassResult(False, {**stats, "factorized": 0}, skipped)
         model = export_model(graph)
@@ -302,11 +314,7 @@ class LowRank(Pass):
             if not lost:
                 break
             for L in lost:
-                t_d, t_f = L.row["dense_us"], L.row["factorized_us"]
-                # Factorized time grows about linearly with the rank: guess the rank that would win.
-                guess = int(L.rank * t_d / (t_f * o.min_speedup)) if budget and t_f > 0 else 0
-                fits = allowed_ranks(L.m, L.n, o.multiple, min(guess, L.rank - 1)) if guess > 0 else []
-                L.cap = fits[0] if fits else 0
+                L.cap = self._fast_cap(L) if budget else 0
                 L.rank = 0
         for L in layers:
             if L.rank > 0:
@@ -315,7 +323,25 @@ class LowRank(Pass):
                 continue
             reason = L.row.pop("why", None) or "dense kept: no rank within the budget"
             L.row.update(self._row(L, 0), decision=reason)
-            skipped.append({"node": L.node.name, "op": L.kind, "reason": reason})
+            skipped.extend({"node": M.node.name, "op": M.kind, "reason": reason} for M in L.members or [L])
+
+    def _fast_cap(self, L: _Layer) -> int:
+        """Largest allowed rank below L.rank whose factorized form wins in timing (binary search; 0 if none).
+
+        Factorized time falls with the rank, so the winning ranks form a tail of the descending list.
+        """
+        lost_at, row = L.rank, dict(L.row)
+        ranks = allowed_ranks(L.m, L.n, self.options.multiple, lost_at - 1)
+        lo, hi, best = 0, len(ranks) - 1, 0
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            L.rank = ranks[mid]
+            if self._faster(L):
+                best, hi = ranks[mid], mid - 1
+            else:
+                lo = mid + 1
+        L.row = row  # keep the timing that made the layer lose until it is chosen again
+        return best
 
     def _energy_rank(self, L: _Layer) -> int:
         """Smallest rank keeping `energy` of the (whitened) spectrum, rounded; 0 if it saves nothing."""
@@ -348,7 +374,8 @@ class LowRank(Pass):
     def _row(self, L: _Layer, r: int) -> dict[str, Any]:
         rows = int(np.prod(L.in_shape)) // L.m if L.in_shape else 1
         err2 = float(L.curve[min(r, len(L.curve) - 1)]) if r > 0 else 0.0
-        return {"node": L.node.name or L.node.outputs[0].name, "op": L.kind, "m": L.m, "n": L.n, "rows": rows, "rank": r,
+        return {"node": "+".join(M.node.name or M.node.outputs[0].name for M in L.members or [L]), "op": L.kind, "m": L.m, "n": L.n, "rows": rows,
+                "input_shape": list(L.in_shape), "bias": _has_bias(L), "rank": r,
                 "max_useful_rank": max_useful_rank(L.m, L.n),
                 "energy_kept": round(1.0 - err2, 6),
                 "predicted_error": round(float(np.sqrt(err2)), 6),
@@ -357,59 +384,70 @@ class LowRank(Pass):
 
     # ---------------------------------------------------------------- rewriting
     def _rewrite(self, graph: gs.Graph, L: _Layer, moments: dict[str, _InputStats], whiten: bool) -> None:
+        """Replace the layer (or each member of a shared group) by its two thinner products."""
         acc = moments[L.x.name].accs[L.layout] if whiten else None
         if acc is not None:
             A, B, _ = whitened_svd(L.W, self._whitening_matrix(L, acc), L.rank, self.options.eps)
         else:
             A, B = truncated_svd(L.W, L.rank)
-        bias = L.bias
+        bias = L.bias if L.can_add_bias else None
         if acc is not None and L.can_add_bias:
             bias = corrected_bias(L.W, A, B, acc.mean(), L.bias)
         if acc is not None:
             L.row["exact_error"] = round(relative_output_error(L.W, A, B, acc.second_moment(), acc.mean(),
-                                                               L.bias, bias), 6)
+                                                               L.bias, bias if L.can_add_bias else L.bias), 6)
         A, B = A.astype(L.dtype), B.astype(L.dtype)
         base = L.node.name or L.node.outputs[0].name
         a_c = gs.Constant(unique_name(graph, f"{base}_lowrank_A"), A)
-        b_c = gs.Constant(unique_name(graph, f"{base}_lowrank_B"), B)
         h = gs.Variable(unique_name(graph, f"{base}_lowrank_h"), dtype=L.dtype)
-        node = L.node
         first_name = unique_name(graph, f"{base}_lowrank_0")
         if L.kind == "MatMul":
             first = gs.Node("MatMul", first_name, inputs=[L.x, a_c], outputs=[h])
+        elif L.kind == "Gemm":
+            first = gs.Node("Gemm", first_name, attrs={"transA": int(L.node.attrs.get("transA", 0))},
+                            inputs=[L.x, a_c], outputs=[h])
+        else:
+            a_c.values = np.ascontiguousarray(A.T.reshape(L.rank, L.m, *L.spatial))
+            keep = {k: v for k, v in L.node.attrs.items() if k in ("dilations", "kernel_shape")}
+            first = gs.Node("Conv", first_name, attrs=keep, inputs=[L.x, a_c], outputs=[h])
+        graph.nodes.append(first)
+        offset = 0
+        for M in L.members or [L]:
+            part = slice(offset, offset + M.n)
+            offset += M.n
+            self._second_product(graph, M, h, B[:, part], None if bias is None else bias[part])
+
+    def _second_product(self, graph: gs.Graph, L: _Layer, h: gs.Tensor, B: np.ndarray,
+                        bias: np.ndarray | None) -> None:
+        """Turn L's node into h @ B with the (corrected) bias; bias None keeps the layer's own bias as is."""
+        node = L.node
+        base = node.name or node.outputs[0].name
+        b_c = gs.Constant(unique_name(graph, f"{base}_lowrank_B"), np.ascontiguousarray(B))
+        if L.kind == "MatMul":
             node.inputs[0] = h
             node.inputs[1] = b_c
             if L.bias_add is not None and bias is not None:
                 self._set_add_bias(graph, L, bias)
-        elif L.kind == "Gemm":
-            first = gs.Node("Gemm", first_name, attrs={"transA": int(node.attrs.get("transA", 0))},
-                            inputs=[L.x, a_c], outputs=[h])
+            return
+        if L.kind == "Gemm":
             attrs: dict[str, Any] = {"alpha": 1.0, "transA": 0, "transB": 0}
             inputs = [h, b_c]
-            if bias is not None and L.can_add_bias:
+            if bias is not None:
                 inputs.append(gs.Constant(unique_name(graph, f"{base}_lowrank_C"), bias.astype(L.dtype)))
                 attrs["beta"] = 1.0
             elif len(node.inputs) > 2:
                 inputs.append(node.inputs[2])
                 attrs["beta"] = float(node.attrs.get("beta", 1.0))
-            node.inputs.clear()
-            node.inputs.extend(inputs)
-            node.attrs.clear()
-            node.attrs.update(attrs)
         else:
-            spatial = L.spatial
-            a_c.values = np.ascontiguousarray(A.T.reshape(L.rank, L.m, *spatial))
-            b_c.values = np.ascontiguousarray(B.T.reshape(L.n, L.rank, *spatial))
-            keep = {k: v for k, v in node.attrs.items() if k in ("dilations", "kernel_shape")}
-            first = gs.Node("Conv", first_name, attrs=dict(keep), inputs=[L.x, a_c], outputs=[h])
+            b_c.values = np.ascontiguousarray(B.T.reshape(L.n, B.shape[0], *L.spatial))
+            attrs = {k: v for k, v in node.attrs.items() if k in ("dilations", "kernel_shape")}
             inputs = [h, b_c]
             if bias is not None:
                 inputs.append(gs.Constant(unique_name(graph, f"{base}_lowrank_bias"), bias.astype(L.dtype)))
-            node.inputs.clear()
-            node.inputs.extend(inputs)
-            node.attrs.clear()
-            node.attrs.update(keep)
-        graph.nodes.append(first)
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.attrs.clear()
+        node.attrs.update(attrs)
 
     @staticmethod
     def _set_add_bias(graph: gs.Graph, L: _Layer, bias: np.ndarray) -> None:
@@ -423,15 +461,37 @@ class LowRank(Pass):
     def _measure(self, before: onnx.ModelProto, graph: gs.Graph, done: list[_Layer], ctx: PassContext) -> None:
         """Relative error of each factorized layer's output inside the rewritten model vs the original."""
         after = export_model(graph)
-        names = [L.out.name for L in done]
+        names = [M.out.name for L in done for M in (L.members or [L])]
         samples = [s for _, s in zip(range(self.options.measure), ctx.calibration)]
         ref = observe(before, samples, names, lambda _: _Keep(), desc="lowrank: measuring (original)")
         new = observe(after, samples, names, lambda _: _Keep(), desc="lowrank: measuring (factorized)")
         for L in done:
-            a, b = ref[L.out.name].values, new[L.out.name].values
-            num = sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b))
-            den = sum(float(np.sum(x.astype(np.float64) ** 2)) for x in a)
+            num = den = 0.0
+            for M in L.members or [L]:
+                a, b = ref[M.out.name].values, new[M.out.name].values
+                num += sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b))
+                den += sum(float(np.sum(x.astype(np.float64) ** 2)) for x in a)
             L.row["measured_error"] = round(float(np.sqrt(num / den)), 6) if den > 0 else 0.0
+
+
+def _share(layers: list[_Layer]) -> list[_Layer]:
+    """Merge MatMul/Gemm layers reading the same input into one layer over the columns of [W1 W2 ...]."""
+    groups: dict[tuple, list[_Layer]] = {}
+    for L in layers:
+        key = (L.x.name, L.kind, L.layout, np.dtype(L.dtype).name) if L.kind in ("MatMul", "Gemm") else (id(L),)
+        groups.setdefault(key, []).append(L)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        first = members[0]
+        can_bias = all(M.can_add_bias for M in members)
+        bias = np.concatenate([M.bias if M.bias is not None else np.zeros(M.n) for M in members]) \
+            if can_bias and any(M.bias is not None for M in members) else None
+        out.append(_Layer(first.node, first.kind, first.x, np.hstack([M.W for M in members]), first.dtype,
+                          first.layout, bias=bias, can_add_bias=can_bias, members=members))
+    return out
 
 
 class _Keep:
@@ -445,56 +505,96 @@ class _Keep:
 
 
 # -------------------------------------------------------------------- timing
-def _layer_models(L: _Layer, rank: int) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
-    """Single-layer dense and factorized models of L's shape (random weights) and a feed."""
+def layer_models(kind: str, in_shape: tuple[int, ...], m: int, n: int, rank: int, bias: bool = True,
+                 dtype: np.dtype = np.dtype(np.float32), trans_a: int = 0, widths: list[int] | None = None
+                 ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
+    """Single-layer dense and factorized models of one layer shape (random weights) and a feed.
+
+    ``widths`` splits n into layers sharing the first factor (dense: one product per layer).
+    Used by the pass to decide, and by bench/lowrank to re-check the decision.
+    """
+    if widths and len(widths) > 1:
+        return _group_models(kind, in_shape, m, rank, bias, np.dtype(dtype), widths)
     rng = np.random.default_rng(0)
-    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(L.dtype))
-    m, n, r = L.m, L.n, rank
+    dtype = np.dtype(dtype)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    make = onnx.helper.make_node
 
     def init(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
-        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(L.dtype) * 0.1, name)
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(dtype), name)
 
-    has_bias = L.bias is not None or (L.kind == "Gemm" and len(L.node.inputs) > 2)
-    xshape = L.in_shape
-    if L.kind == "MatMul":
-        dense_nodes = [onnx.helper.make_node("MatMul", ["x", "W"], ["y0"])]
-        fact_nodes = [onnx.helper.make_node("MatMul", ["x", "A"], ["h"]),
-                      onnx.helper.make_node("MatMul", ["h", "B"], ["y0"])]
-        dense_inits, fact_inits = [init("W", (m, n))], [init("A", (m, r)), init("B", (r, n))]
-        tail = [onnx.helper.make_node("Add", ["y0", "b"], ["y"])] if has_bias else \
-            [onnx.helper.make_node("Identity", ["y0"], ["y"])]
-        dense_nodes += tail
-        fact_nodes += tail
-        extra = [init("b", (n,))] if has_bias else []
-    elif L.kind == "Gemm":
-        ta = int(L.node.attrs.get("transA", 0))
-        dense_nodes = [onnx.helper.make_node("Gemm", ["x", "W"] + (["b"] if has_bias else []), ["y"], transA=ta)]
-        fact_nodes = [onnx.helper.make_node("Gemm", ["x", "A"], ["h"], transA=ta),
-                      onnx.helper.make_node("Gemm", ["h", "B"] + (["b"] if has_bias else []), ["y"])]
-        dense_inits, fact_inits = [init("W", (m, n))], [init("A", (m, r)), init("B", (r, n))]
-        extra = [init("b", (n,))] if has_bias else []
+    b = ["b"] if bias else []
+    extra = [init("b", (n,))] if bias else []
+    if kind == "MatMul":
+        tail = [make("Add", ["y0", "b"], ["y"])] if bias else [make("Identity", ["y0"], ["y"])]
+        dense = [make("MatMul", ["x", "W"], ["y0"])] + tail
+        fact = [make("MatMul", ["x", "A"], ["h"]), make("MatMul", ["h", "B"], ["y0"])] + tail
+        w_shapes = [(m, n)], [(m, rank), (rank, n)]
+    elif kind == "Gemm":
+        dense = [make("Gemm", ["x", "W"] + b, ["y"], transA=trans_a)]
+        fact = [make("Gemm", ["x", "A"], ["h"], transA=trans_a), make("Gemm", ["h", "B"] + b, ["y"])]
+        w_shapes = [(m, n)], [(m, rank), (rank, n)]
+    elif kind == "Conv":
+        sp = (1,) * (len(in_shape) - 2)
+        dense = [make("Conv", ["x", "W"] + b, ["y"])]
+        fact = [make("Conv", ["x", "A"], ["h"]), make("Conv", ["h", "B"] + b, ["y"])]
+        w_shapes = [(n, m) + sp], [(rank, m) + sp, (n, rank) + sp]
     else:
-        sp = (1,) * (len(xshape) - 2)
-        dense_nodes = [onnx.helper.make_node("Conv", ["x", "W"] + (["b"] if has_bias else []), ["y"])]
-        fact_nodes = [onnx.helper.make_node("Conv", ["x", "A"], ["h"]),
-                      onnx.helper.make_node("Conv", ["h", "B"] + (["b"] if has_bias else []), ["y"])]
-        dense_inits, fact_inits = [init("W", (n, m) + sp)], [init("A", (r, m) + sp), init("B", (n, r) + sp)]
-        extra = [init("b", (n,))] if has_bias else []
+        raise ValueError(f"no layer model for op {kind}")
 
-    def model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
-        g = onnx.helper.make_graph(nodes, "layer", [onnx.helper.make_tensor_value_info("x", elem, xshape)],
-                                   [onnx.helper.make_tensor_value_info("y", elem, None)], inits + extra)
+    def model(nodes: list[onnx.NodeProto], names: list[str], shapes: list[tuple[int, ...]]) -> onnx.ModelProto:
+        inits = [init(nm, sh) for nm, sh in zip(names, shapes)] + extra
+        g = onnx.helper.make_graph(nodes, "layer", [onnx.helper.make_tensor_value_info("x", elem, in_shape)],
+                                   [onnx.helper.make_tensor_value_info("y", elem, None)], inits)
         return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
 
-    feed = {"x": rng.standard_normal(xshape).astype(L.dtype)}
-    return model(dense_nodes, dense_inits), model(fact_nodes, fact_inits), feed
+    feed = {"x": rng.standard_normal(in_shape).astype(dtype)}
+    return model(dense, ["W"], w_shapes[0]), model(fact, ["A", "B"], w_shapes[1]), feed
+
+
+def _group_models(kind: str, in_shape: tuple[int, ...], m: int, rank: int, bias: bool, dtype: np.dtype,
+                  widths: list[int]) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
+    """Dense (one product per layer) and shared-factor models of a group of MatMul/Gemm layers."""
+    rng = np.random.default_rng(0)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    op = "Gemm" if kind == "Gemm" else "MatMul"
+
+    def init(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(dtype), name)
+
+    def model(first: list[onnx.NodeProto], src: str, weights: list[onnx.TensorProto]) -> onnx.ModelProto:
+        nodes, inits, outs = list(first), list(weights), []
+        for i, n in enumerate(widths):
+            k = rank if src == "h" else m
+            inits.append(init(f"W{i}", (k, n)))
+            y = f"y{i}"
+            if op == "Gemm":
+                nodes.append(onnx.helper.make_node("Gemm", [src, f"W{i}"] + ([f"b{i}"] if bias else []), [y]))
+            else:
+                nodes.append(onnx.helper.make_node("MatMul", [src, f"W{i}"], [y + "m" if bias else y]))
+                if bias:
+                    nodes.append(onnx.helper.make_node("Add", [y + "m", f"b{i}"], [y]))
+            if bias:
+                inits.append(init(f"b{i}", (n,)))
+            outs.append(onnx.helper.make_tensor_value_info(y, elem, None))
+        g = onnx.helper.make_graph(nodes, "group", [onnx.helper.make_tensor_value_info("x", elem, in_shape)],
+                                   outs, inits)
+        return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+    dense = model([], "x", [])
+    fact = model([onnx.helper.make_node(op, ["x", "A"], ["h"])], "h", [init("A", (m, rank))])
+    return dense, fact, {"x": rng.standard_normal(in_shape).astype(dtype)}
+
+
+def _has_bias(L: _Layer) -> bool:
+    return any(M.bias is not None or (M.kind == "Gemm" and len(M.node.inputs) > 2) for M in L.members or [L])
 
 
 def timing_key(L: _Layer, rank: int) -> str:
     """Cache key of one dense-vs-factorized timing: op, input shape, weight shape, rank, bias, dtype."""
-    bias = L.bias is not None or (L.kind == "Gemm" and len(L.node.inputs) > 2)
-    return (f"{L.kind}|x={'x'.join(map(str, L.in_shape))}|w={L.m}x{L.n}|r={rank}|bias={int(bias)}|"
-            f"tA={int(L.node.attrs.get('transA', 0))}|{np.dtype(L.dtype).name}")
+    return (f"{L.kind}|x={'x'.join(map(str, L.in_shape))}|w={L.m}x{L.n}|r={rank}|bias={int(_has_bias(L))}|"
+            f"tA={int(L.node.attrs.get('transA', 0))}|{np.dtype(L.dtype).name}"
+            + (f"|split={'+'.join(str(M.n) for M in L.members)}" if L.members else ""))
 
 
 def _time_layer(L: _Layer, rank: int) -> tuple[float, float]:
@@ -504,6 +604,7 @@ def _time_layer(L: _Layer, rank: int) -> tuple[float, float]:
     hit = cache.get(key)
     if hit is not None and len(hit) == 2:
         return hit[0], hit[1]
-    dense, fact, feed = _layer_models(L, rank)
+    dense, fact, feed = layer_models(L.kind, L.in_shape, L.m, L.n, rank, _has_bias(L), L.dtype,
+                                     int(L.node.attrs.get("transA", 0)), [M.n for M in L.members])
     t = cache.measure(key, [dense, fact], feed, runs=30)
     return t[0], t[1]

@@ -49,7 +49,7 @@ class Prune(Pass):
         macs: float = option(0.3, "fraction of the model's MACs to remove (0 with exact=true: dead channels only)")
         criterion: str = option("auto", "importance: l1, l2, bn, activation, recon (auto: recon with data, else l1)")
         compensate: str = option("auto", "none, bias (fold the mean), refit (ridge least squares); auto: refit with data")
-        max_ratio: float = option(0.5, "at most this fraction of one group's channels is removed")
+        max_ratio: float = option(0.3, "at most this fraction of one group's channels is removed")
         round_to: int = option(1, "kept channel counts are multiples of this (e.g. 8)")
         protect: list[str] = option([], "name patterns (fnmatch) of nodes whose channels are never pruned")
         exact: bool = option(False, "only remove provably dead channels (outputs unchanged)")

@@ -168,7 +168,8 @@ def test_one_by_one_conv_is_factorized_as_two_convs():
                            numpy_helper.from_array(_low_rank(cout, cout, 4).reshape(cout, cout, 1, 1), "W2")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     calib = [{"x": RNG.standard_normal((1, cin, 6, 5)).astype(np.float32) + 0.2} for _ in range(3)]
-    res = onnxopt.optimize(model, "lowrank{energy=1.0,timing=false}", calibration=calib)
+    assert not _lowrank_record(onnxopt.optimize(model, "lowrank{energy=1.0,timing=false}"))["changed"]
+    res = onnxopt.optimize(model, "lowrank{energy=1.0,timing=false,ops=Conv}", calibration=calib)
     rec = _lowrank_record(res)
     assert _ops(res.model) == ["Conv", "Conv", "Conv"]
     assert any(s["node"] == "strided" for s in rec["skipped"])
@@ -234,3 +235,55 @@ def test_parameter_budget_over_several_layers_is_met_with_rounded_ranks():
     for d in rec["details"]:
         if d["rank"]:
             assert d["measured_error"] == pytest.approx(d["predicted_error"], rel=0.5, abs=2e-3)
+
+
+# ------------------------------------------------------------------ real model
+def test_pp_ocr_rec_thirty_percent_fewer_matmul_parameters(tmp_path):
+    """PP-OCRv4 rec (weights in Constant nodes): params=0.3 through the API with a calibration directory."""
+    from fixtures.fetch_models import model_path
+
+    path = model_path("rec")
+    if not path.exists():
+        pytest.skip(f"{path} missing: run python fixtures/fetch_models.py")
+    from fixtures import ocr_data
+
+    calib_dir = tmp_path / "calib"
+    ocr_data.write_calibration_dir(ocr_data.rec_samples(4, ocr_data.CALIB_SEED), calib_dir)
+    res = onnxopt.optimize(path, "lowrank{params=0.3}", calibration=calib_dir)
+    rec = _lowrank_record(res)
+    assert rec["changed"] and rec["stats"]["fraction_removed"] >= 0.3
+    onnx.checker.check_model(res.model)
+    for d in rec["details"]:
+        if d["rank"]:
+            assert d["factorized_us"] * 1.05 <= d["dense_us"]
+            assert d["rank"] % 8 == 0 and d["measured_error"] < 0.1
+    x = ocr_data.rec_samples(2, ocr_data.EVAL_SEED)
+    orig = make_session(str(path))
+    new = make_session(res.model)
+    for sample, _ in x:
+        a, b = orig.run(None, {"x": sample})[0], new.run(None, {"x": sample})[0]
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
+
+
+def test_layers_sharing_an_input_share_the_first_factor():
+    m, n = 64, 48
+    U = RNG.standard_normal((m, 8))
+    weights = [(U @ RNG.standard_normal((8, n))).astype(np.float32) for _ in range(3)]  # common row space
+    nodes, inits, outs = [], [], []
+    for i, w in enumerate(weights):
+        nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"proj{i}"),
+                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"y{i}"])]
+        inits += [numpy_helper.from_array(w, f"W{i}"),
+                  numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), f"b{i}")]
+        outs.append(helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, m])],
+                          outs, inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calib = _calib((1, 16, m))
+    res = onnxopt.optimize(model, "lowrank{energy=1.0,timing=false,share=true}", calibration=calib)
+    rec = _lowrank_record(res)
+    assert rec["details"][0]["node"] == "proj0+proj1+proj2" and rec["details"][0]["rank"] == 8
+    assert _ops(res.model).count("MatMul") == 4
+    ref = make_session(model).run(None, calib[0])
+    for a, b in zip(ref, make_session(res.model).run(None, calib[0])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())

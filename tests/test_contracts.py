@@ -1,0 +1,110 @@
+"""Contracts every registered pass must keep: valid output, honest `changed`, determinism, idempotence.
+
+Runs each pass (with calibration data for those that need it) on small real
+graphs; plugins installed in the environment are held to the same contract.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import real_model
+
+import onnxopt
+from onnxopt.graph import import_model, graph_hash
+from onnxopt.data import seeded_inputs
+from onnxopt.pass_base import PassContext
+from onnxopt.registry import all_passes
+from onnxopt.data import CalibrationData
+
+#: Passes whose second run may legitimately change the graph again (budgets apply to the current model).
+NOT_IDEMPOTENT = {"prune", "lowrank", "quantize"}
+
+
+def _prepared(name: str) -> onnx.ModelProto:
+    return onnxopt.optimize(real_model(name), pipeline="fold,fuse").model
+
+
+@pytest.fixture(scope="module")
+def cls_model():
+    return _prepared("cls")
+
+
+@pytest.mark.parametrize("pass_name", sorted(all_passes()))
+def test_pass_contract(pass_name, cls_model):
+    cls = all_passes()[pass_name]
+    model = onnx.ModelProto()
+    model.CopyFrom(cls_model)
+    shapes = {"x": (1, 3, 48, 192)}
+    calib = seeded_inputs(model, 4, seed=0, input_shapes=shapes) if cls.needs_data or pass_name in NOT_IDEMPOTENT \
+        else None
+    calib = [{k: np.abs(v) for k, v in s.items()} for s in calib] if calib else None
+
+    def run_once(m):
+        graph = import_model(m)
+        before = graph_hash(graph)
+        ctx = PassContext(CalibrationData(calib, m) if calib else None, {"input_shapes": shapes})
+        result = cls().run(graph, ctx)
+        onnxopt.graph.cleanup(graph)
+        after = graph_hash(graph)
+        assert result.changed == (before != after), f"{pass_name}: changed={result.changed} but hashes say otherwise"
+        return onnxopt.graph.export_model(graph), result
+
+    out1, _ = run_once(model)
+    onnx.checker.check_model(out1, full_check=True)
+    out2, _ = run_once(model)
+    assert out1.SerializeToString(deterministic=True) == out2.SerializeToString(deterministic=True), \
+        f"{pass_name} is not deterministic"
+    onnxopt.runtime.make_session(out1)
+    if pass_name not in NOT_IDEMPOTENT:
+        _, again = run_once(out1)
+        assert not again.changed, f"{pass_name} changed its own output again (not idempotent)"
+
+
+def test_pipeline_options_are_parsed_and_checked():
+    from onnxopt.errors import UserError
+    from onnxopt.pipeline import build_pipeline, parse_pipeline
+
+    assert parse_pipeline("simplify") == [("fold", {}), ("fuse", {})]
+    assert parse_pipeline("fold{size_limit_mb=2, shapes=false},fuse") == [
+        ("fold", {"size_limit_mb": "2", "shapes": "false"}), ("fuse", {})]
+    (fold,) = build_pipeline("fold{size_limit_mb=2,shapes=no}")
+    assert fold.options.size_limit_mb == 2.0 and fold.options.shapes is False
+    for bad, words in [("nosuchpass", "unknown pass"), ("fold{nosuch=1}", "unknown option"),
+                       ("fold{size_limit_mb=big}", "expects float"), ("fold{shapes}", "needs a value"),
+                       ("fold{", "cannot parse"), ("", "empty pipeline")]:
+        with pytest.raises(UserError, match=words):
+            build_pipeline(bad)
+
+
+def test_pass_manager_dumps_and_verifies_each_pass(tmp_path):
+    res = onnxopt.optimize(real_model("cls"), pipeline="fold,fuse", dump_dir=tmp_path, verify_each=True)
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["00_input.onnx", "01_fold.onnx", "02_fuse.onnx"]
+    rec = res.report["passes"]
+    assert [r["name"] for r in rec] == ["fold", "fuse"] and all(r["seconds"] >= 0 for r in rec)
+    assert rec[-1]["after"]["nodes"] == res.report["after"]["nodes"]
+
+
+def test_verify_each_names_the_pass_that_broke_the_model():
+    from dataclasses import dataclass
+
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.errors import CheckFailed
+    from onnxopt.manager import PassManager
+    from onnxopt.pass_base import Pass, PassResult
+
+    class Breaker(Pass):
+        name = "breaker"
+
+        @dataclass
+        class Options:
+            pass
+
+        def run(self, graph: gs.Graph, ctx):
+            graph.nodes[0].op = "NoSuchOp"
+            return PassResult(changed=True)
+
+    model = onnxopt.optimize(real_model("cls"), pipeline="fold").model
+    with pytest.raises(CheckFailed, match="after pass 1 'breaker'"):
+        PassManager([Breaker()], verify_each=True).run_model(model)

@@ -1,0 +1,214 @@
+"""The prune pass: elimination on small graphs, exact mode, compensation, budget, real models."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+
+import onnxopt
+from onnxopt.channels import analyze_channels
+from onnxopt.data import seeded_inputs
+from onnxopt.graph import constant_value, export_model, import_model
+from onnxopt.stats import model_stats
+
+from fixtures.fetch_models import model_path
+
+HEADER = '<ir_version: 8, opset_import: ["" : 13]>\n'
+
+
+def _model(text: str, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(HEADER + text)
+    for name, value in weights.items():
+        arr = value if value.dtype == np.int64 else value.astype(np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
+    return model
+
+
+def _w(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _run(model: onnx.ModelProto, feeds) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _prune_stats(result) -> dict:
+    return next(p for p in result.report["passes"] if p["name"] == "prune")["stats"]
+
+
+def _check_structure(original: onnx.ModelProto, result, input_shapes=None) -> dict:
+    """checker passes, runs at the original input shapes, MACs recounted independently equal the report."""
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = seeded_inputs(original, 1, seed=3, input_shapes=input_shapes)[0]
+    ref, out = _run(original, feeds), _run(result.model, feeds)
+    assert [a.shape for a in ref] == [b.shape for b in out]
+    stats = _prune_stats(result)
+    assert model_stats(result.model, input_shapes).macs == stats["macs_after"]
+    return stats
+
+
+CHAIN = """
+agraph (float[1, 3, 16, 16] x) => (float[1, 10] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    n = BatchNormalization (a, s, bb, m, v)
+    r = Relu (n)
+    d = Conv <group = 16, pads = [1, 1, 1, 1]> (r, wd)
+    e = Conv (d, w2, b2)
+    f = Relu (e)
+    c = Concat <axis = 1> (f, r)
+    p = GlobalAveragePool (c)
+    t = Flatten (p)
+    y = Gemm <transB = 1> (t, wg, bg)
+}"""
+CHAIN_W = {"w1": _w(16, 3, 3, 3), "b1": _w(16), "s": _w(16, seed=1), "bb": _w(16, seed=2), "m": _w(16, seed=3),
+           "v": np.ones(16, np.float32), "wd": _w(16, 1, 3, 3), "w2": _w(24, 16, 1, 1), "b2": _w(24),
+           "wg": _w(10, 40), "bg": _w(10)}
+
+
+def test_prune_small_graph_slices_every_tensor_and_meets_budget():
+    model = _model(CHAIN, CHAIN_W)
+    result = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5}")
+    stats = _check_structure(model, result)
+    assert stats["mac_reduction"] >= 0.3 and stats["removed_channels"] > 0
+    assert model_stats(result.model).parameters < model_stats(model).parameters
+    groups = [a.i for n in result.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    assert groups and groups[0] < 16
+    details = next(p for p in result.report["passes"] if p["name"] == "prune")["details"]
+    assert any(row["channels_after"] < row["channels_before"] for row in details)
+    assert any("barriers" in row for row in details)
+
+
+def test_round_to_and_protect():
+    model = _model(CHAIN, CHAIN_W)
+    result = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5,round_to=4}")
+    details = next(p for p in result.report["passes"] if p["name"] == "prune")["details"]
+    assert all(r["channels_after"] % 4 == 0 for r in details if r["channels_after"] != r["channels_before"])
+    protected = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5,protect=*}")
+    assert _prune_stats(protected)["removed_channels"] == 0
+
+
+def test_split_slice_reshape_are_rewritten():
+    text = """
+    agraph (float[1, 3, 4, 4] x) => (float[1, 5] y, float[1, 2, 4, 4] z) {
+        a = Conv (x, w1)
+        sp = Constant <value = int64[2] {4, 8}> ()
+        s1, s2 = Split <axis = 1> (a, sp)
+        q = Slice (s2, st, en, ax)
+        z = Conv (q, wz)
+        r = Relu (s1)
+        sh = Constant <value = int64[2] {1, 64}> ()
+        t = Reshape (r, sh)
+        y = MatMul (t, wm)
+    }"""
+    weights = {"w1": _w(12, 3, 1, 1), "wz": _w(2, 6, 1, 1), "wm": _w(64, 5),
+               "st": np.array([1], np.int64), "en": np.array([7], np.int64), "ax": np.array([1], np.int64)}
+    model = _model(text, weights)
+    result = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5}")
+    stats = _check_structure(model, result)
+    assert stats["removed_channels"] > 0
+
+
+def test_group_reaching_graph_output_is_not_pruned():
+    model = _model("""
+    agraph (float[1, 3, 8, 8] x) => (float[1, 8, 8, 8] y) {
+        y = Conv (x, w1)
+    }""", {"w1": _w(8, 3, 1, 1)})
+    result = onnxopt.optimize(model, pipeline="prune{macs=0.3}")
+    assert not result.report["passes"][0]["changed"]
+    assert any("graph output" in s["reason"] for s in result.report["passes"][0]["skipped"])
+
+
+def test_exact_mode_removes_dead_channels_and_folds_constants():
+    w = dict(CHAIN_W)
+    w["w1"] = w["w1"].copy()
+    w["b1"] = w["b1"].copy()
+    w["w1"][[2, 5, 9]] = 0
+    w["b1"][[2, 5, 9]] = 0
+    w["w2"] = w["w2"].copy()
+    w["w2"][[1, 7]] = 0
+    w["b2"] = w["b2"].copy()
+    w["b2"][[1, 7]] = 0
+    model = _model(CHAIN, w)
+    result = onnxopt.optimize(model, pipeline="prune{exact=true}")
+    stats = _check_structure(model, result)
+    # the first conv's dead channels become BN's beta after the BN, which a padded depthwise conv
+    # does not see as a constant: only the second conv's channels (Relu(0) = 0 before the Gemm) go
+    assert stats["removed_channels"] == 2
+    feeds = seeded_inputs(model, 2, seed=5)
+    for f in feeds:
+        np.testing.assert_allclose(_run(result.model, f)[0], _run(model, f)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_compensation_reduces_error_on_calibration_like_data():
+    model = _model(CHAIN, CHAIN_W)
+    calib = [{"x": x["x"] + 1.0} for x in seeded_inputs(model, 24, seed=0)]
+    evals = [{"x": x["x"] + 1.0} for x in seeded_inputs(model, 8, seed=1)]
+    errs = {}
+    for mode in ("none", "bias", "refit"):
+        res = onnxopt.optimize(model, pipeline=f"prune{{macs=0.25,max_ratio=0.5,criterion=l1,compensate={mode}}}",
+                               calibration=calib)
+        errs[mode] = np.mean([np.mean((_run(res.model, f)[0] - _run(model, f)[0]) ** 2) for f in evals])
+    assert errs["refit"] < errs["none"] and errs["bias"] < errs["none"]
+
+
+def _real(name: str) -> onnx.ModelProto:
+    path = model_path(name)
+    if not path.exists():
+        pytest.skip(f"{path} missing: run python fixtures/fetch_models.py")
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("name", ["cls", "det", "rec"])
+def test_ppocr_prune_30_percent(name):
+    model = _real(name)
+    result = onnxopt.optimize(model, pipeline="fold,fuse,prune{macs=0.3}")
+    stats = _check_structure(model, result)
+    assert stats["mac_reduction"] >= 0.25
+    assert model_stats(result.model).parameters < model_stats(model).parameters
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet",
+                                  "squeezenet"])
+def test_light_models_fold_fuse_prune(name):
+    model = _real(name)
+    try:
+        result = onnxopt.optimize(model, pipeline="fold,fuse,prune{macs=0.3}")
+    except onnxopt.UserError as exc:
+        pytest.skip(f"fold/fuse not available: {exc}")
+    _check_structure(model, result)
+
+
+def test_ppocr_det_exact_mode_with_zeroed_filters():
+    model = _real("det")
+    graph = import_model(model)
+    cg = analyze_channels(graph)
+    rng = np.random.default_rng(0)
+    chosen: set[int] = set()
+    for grp in cg.groups:
+        if grp.prunable:
+            pick = rng.choice(len(grp.classes), len(grp.classes) // 4, replace=False)
+            chosen.update(grp.classes[j] for j in pick)
+    # zero the filters and every additive constant on the channels' path (biases, BN/affine shifts)
+    for site in cg.sites:
+        op = site.node.op
+        is_out = (op == "Conv" and site.axis == 0) or (op == "ConvTranspose" and site.index == 1 and site.axis == 1) \
+            or (op in ("Conv", "ConvTranspose") and site.index == 2)
+        is_shift = op in ("Add", "Sub") or (op == "BatchNormalization" and site.index in (2, 3))
+        if site.kind != "const" or not (is_out or is_shift):
+            continue
+        value = constant_value(site.node.inputs[site.index])
+        if value is None:
+            continue
+        mask = ~cg.keep_mask(site.ids, chosen)
+        index = [slice(None)] * value.ndim
+        index[site.axis] = mask
+        value[tuple(index)] = 0
+    zeroed = export_model(graph)
+    result = onnxopt.optimize(zeroed, pipeline="prune{exact=true}")
+    stats = _check_structure(zeroed, result)
+    assert stats["removed_channels"] == len(chosen)
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 3, 96, 128)).astype(np.float32)}
+    np.testing.assert_allclose(_run(result.model, feeds)[0], _run(zeroed, feeds)[0], rtol=1e-4, atol=1e-5)
