@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import export_model
+from onnxopt.graph import export_structure
 from onnxopt.pass_base import PassContext, register_analysis
 from onnxopt.shapes import TensorInfo, infer_tensor_info
 
@@ -11,4 +11,4 @@ from onnxopt.shapes import TensorInfo, infer_tensor_info
 @register_analysis("shapes")
 def tensor_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, TensorInfo]:
     """Inferred dtype and shape of every tensor of the main graph, at the model's own input shapes."""
-    return infer_tensor_info(export_model(graph))
+    return infer_tensor_info(export_structure(graph))

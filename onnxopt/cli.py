@@ -201,6 +201,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), args.pipeline)
 
 
+# ---- optimize-many (issue 8: executors; the command lives in onnxopt/fleet.py) ----------------------
+def _add_optimize_many(sub: argparse._SubParsersAction) -> None:
+    from onnxopt.fleet import add_optimize_many_arguments, run_optimize_many
+
+    p = sub.add_parser("optimize-many", help="optimize a fleet of models listed in a TOML manifest, in parallel",
+                       description="One task per model on the chosen executor (local processes or a Ray "
+                                   "cluster); prints a summary table; exit 1 if any model failed.")
+    add_optimize_many_arguments(p)
+    p.set_defaults(func=run_optimize_many)
+# ---- end optimize-many -----------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from onnxopt import __version__
@@ -213,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_passes(sub)
     _add_demo(sub)
+    _add_optimize_many(sub)
     from onnxopt.ep import envs
     from onnxopt.validate import add_validate_arguments, run_validate_command
 

@@ -7,11 +7,13 @@ IR version, model-level fields) so a round trip keeps the model's signature.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections import deque
 from typing import Iterator
 
 import onnx
+import numpy as np
 import onnx_graphsurgeon as gs
 
 #: Model-level fields restored on export (gs keeps only the graph).
@@ -20,7 +22,7 @@ _KEEP_FIELDS = ("producer_name", "producer_version", "domain", "model_version", 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """Build a gs.Graph from a ModelProto, remembering model-level fields for export."""
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_stash_type_attributes(model))
     graph._onnxopt_model_fields = {f: getattr(model, f) for f in _KEEP_FIELDS}
     graph._onnxopt_metadata = [(p.key, p.value) for p in model.metadata_props]
     graph._onnxopt_ir_version = model.ir_version
@@ -35,29 +37,56 @@ _GS_TYPES = ("tensor_type", "sequence_type", "sparse_tensor_type")
 
 def _unexportable_io_types(g: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
     """Declared types of the graph inputs/outputs (subgraphs included) that gs cannot write back."""
-    out: dict[str, onnx.TypeProto] = {}
+    return {vi.name: vi.type for cur in _all_graph_protos(g) for vi in list(cur.input) + list(cur.output)
+            if vi.type.WhichOneof("value") not in (None, *_GS_TYPES)}
+
+
+#: gs drops TYPE_PROTO attributes (e.g. `Optional <type=...>`); they travel through it as base64 strings under this prefix.
+_TYPE_ATTR_PREFIX = "_onnxopt_type_proto:"
+
+
+def _all_graph_protos(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A GraphProto and all its subgraphs."""
     stack = [g]
     while stack:
         cur = stack.pop()
-        for vi in list(cur.input) + list(cur.output):
-            if vi.type.WhichOneof("value") not in (None, *_GS_TYPES):
-                out[vi.name] = vi.type
+        yield cur
         for node in cur.node:
             for a in node.attribute:
                 stack.extend([a.g] if a.HasField("g") else list(a.graphs))
-    return out
+
+
+def _stash_type_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model, or a copy whose TYPE_PROTO attributes are base64 strings gs keeps (undone on export)."""
+    if not any(a.type == onnx.AttributeProto.TYPE_PROTO for g in _all_graph_protos(model.graph)
+               for n in g.node for a in n.attribute):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for g in _all_graph_protos(copy.graph):
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TYPE_PROTO:
+                    encoded = base64.b64encode(a.tp.SerializeToString()).decode()
+                    a.CopyFrom(onnx.helper.make_attribute(_TYPE_ATTR_PREFIX + a.name, encoded))
+    return copy
+
+
+def _unstash_type_attributes(g: onnx.GraphProto) -> None:
+    for cur in _all_graph_protos(g):
+        for node in cur.node:
+            for a in node.attribute:
+                if a.name.startswith(_TYPE_ATTR_PREFIX):
+                    tp = onnx.TypeProto()
+                    tp.ParseFromString(base64.b64decode(a.s))
+                    a.CopyFrom(onnx.helper.make_attribute(a.name[len(_TYPE_ATTR_PREFIX):], tp))
 
 
 def _restore_io_types(g: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
-    stack = [g]
-    while stack:
-        cur = stack.pop()
+    for cur in _all_graph_protos(g):
         for vi in list(cur.input) + list(cur.output):
             if vi.name in types:
                 vi.type.CopyFrom(types[vi.name])
-        for node in cur.node:
-            for a in node.attribute:
-                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
 
 
 def _ir_version_for(graph: gs.Graph, original: int | None) -> int:
@@ -87,6 +116,7 @@ def export_model(graph: gs.Graph, sort: bool = True) -> onnx.ModelProto:
             t.dtype = dtype
     if types:
         _restore_io_types(model.graph, types)
+    _unstash_type_attributes(model.graph)
     for field, value in getattr(graph, "_onnxopt_model_fields", {}).items():
         setattr(model, field, value)
     del model.metadata_props[:]
@@ -219,12 +249,19 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     return name
 
 
-def graph_output_owner(graph: gs.Graph, tensor: gs.Tensor) -> gs.Graph | None:
-    """The graph (main or sub) whose outputs list `tensor`, if any."""
-    for g in iter_graphs(graph):
-        if any(o is tensor for o in g.outputs):
-            return g
-    return None
+def output_owners(graph: gs.Graph) -> dict[int, gs.Graph]:
+    """Map id(tensor) -> the graph (main or sub) listing it as an output; compute once per sweep."""
+    return {id(o): g for g in iter_graphs(graph) for o in g.outputs}
+
+
+def graph_output_owner(graph: gs.Graph, tensor: gs.Tensor, owners: dict[int, gs.Graph] | None = None
+                       ) -> gs.Graph | None:
+    """The graph (main or sub) whose outputs list `tensor`, if any (`owners` from `output_owners`)."""
+    if owners is not None:
+        return owners.get(id(tensor))
+    if any(o is tensor for o in graph.outputs):
+        return graph
+    return output_owners(graph).get(id(tensor))
 
 
 def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -252,3 +289,40 @@ def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
         elif isinstance(attr, (list, tuple)):
             subs.extend(a for a in attr if isinstance(a, gs.Graph))
     return subs
+
+
+#: Constants larger than this are exported as typed inputs by `export_structure`.
+STRUCTURE_MAX_CONST_BYTES = 1 << 16
+
+
+def export_structure(graph: gs.Graph) -> onnx.ModelProto:
+    """A ModelProto of the graph for shape inference and statistics, without large weights.
+
+    Constants over `STRUCTURE_MAX_CONST_BYTES` become typed graph inputs, so no
+    weight is copied (models over 2 GB included). Not a runnable model.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    toposort(graph)
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    inits, seen = [], set()
+    for node in graph.nodes:
+        for t in node.inputs:
+            if not isinstance(t, gs.Constant) or t.name in seen:
+                continue
+            seen.add(t.name)
+            nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize if t.shape is not None else 0
+            if nbytes > STRUCTURE_MAX_CONST_BYTES:
+                inputs.append(onnx.helper.make_tensor_value_info(
+                    t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(t.shape)))
+            else:
+                inits.append(OnnxExporter.export_tensor_proto(t))
+    g = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in graph.nodes], graph.name or "g", inputs,
+                               [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs],
+                               inits)
+    opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in graph.import_domains] if graph.import_domains \
+        else [onnx.helper.make_opsetid("", graph.opset)]
+    model = onnx.helper.make_model(g, opset_imports=opsets)
+    model.ir_version = _ir_version_for(graph, getattr(graph, "_onnxopt_ir_version", None))
+    model.functions.extend(getattr(graph, "_onnxopt_functions", []))
+    return model

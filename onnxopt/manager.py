@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import CheckFailed
-from onnxopt.graph import cleanup, export_model, import_model
+from onnxopt.graph import cleanup, export_model, export_structure, import_model
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.stats import model_stats
 
@@ -70,10 +70,11 @@ class PassManager:
             seconds = time.perf_counter() - t0
             rec = PassRecord(p.name, _options_dict(p), seconds, result.changed, result.stats, result.skipped,
                              result.details)
-            if self.collect_stats or self.verify_each or self.dump_dir:
+            if self.collect_stats:
+                rec.after = model_stats(export_structure(graph), self.ctx.settings.get("input_shapes"),
+                                        weights_from=graph).to_dict()
+            if self.verify_each or self.dump_dir:
                 model = export_model(graph)
-                if self.collect_stats:
-                    rec.after = model_stats(model, self.ctx.settings.get("input_shapes")).to_dict()
                 if self.verify_each:
                     verify_model(model, f"after pass {k} '{p.name}'")
                 if self.dump_dir:

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from onnxopt.errors import UserError
 
@@ -47,7 +47,7 @@ def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.Mode
         except Exception as exc:  # truncated or unreadable data file
             raise UserError(f"{p}: cannot read external data ({exc})") from None
     try:
-        onnx.checker.check_model(model if model.ByteSize() < TWO_GB else str(p))
+        onnx.checker.check_model(model if fits_in_protobuf(model) else str(p))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise UserError(f"{p}: not a valid ONNX model: {first}") from None
@@ -63,6 +63,14 @@ def _external_tensors(model: onnx.ModelProto):
 def uses_external_data(model: onnx.ModelProto) -> bool:
     """True if any tensor of the model lives in an external file."""
     return bool(_external_tensors(model))
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """True if the model serializes as one protobuf (< 2 GB); ByteSize() itself raises above that."""
+    try:
+        return model.ByteSize() < TWO_GB
+    except EncodeError:
+        return False
 
 
 def model_nbytes(model: onnx.ModelProto) -> int:
@@ -83,8 +91,11 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, .
         raise UserError(f"{o}: output directory {parent} does not exist")
     if o.is_dir():
         raise UserError(f"{o}: is a directory; give a file name for the output model")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{o}: output directory {parent} is not writable")
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts): try it
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise UserError(f"{o}: output directory {parent} is not writable ({exc.strerror or exc})") from None
     return o
 
 

@@ -29,7 +29,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int = 2, o
     so = so or session_options(threads, optimize)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _TWO_GB:
+        from onnxopt.model_io import fits_in_protobuf
+
+        if fits_in_protobuf(model):
             return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxopt-sess-") as d:
             path = Path(d) / "model.onnx"

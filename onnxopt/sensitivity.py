@@ -18,7 +18,8 @@ from onnxopt.data import Sample
 from onnxopt.executor import Executor, LocalExecutor, Shared
 from onnxopt.graph import constant_value, import_model, is_constant
 from onnxopt.kernels.metrics import sqnr_db
-from onnxopt.kernels.quant import quantize_weight_per_channel, quantize_weight_per_tensor
+from onnxopt.kernels.quant import quantize_weight_per_channel, quantize_weight_per_tensor, scale_zero_point
+from onnxopt.kernels.ranges import range_minmax
 from onnxopt.qdq import MAC_OPS, ActParams, LayerQuant, apply_qdq, weight_axis
 from onnxopt.runtime import make_session
 
@@ -73,6 +74,11 @@ def sensitivity(model: onnx.ModelProto, samples: Sequence[Sample], trials: Seque
     tasks = [_Task(base, t, executor.threads_per_task) for t in trials]
     values = executor.map(_run_trial, tasks, desc="sensitivity", unit="layer")
     return {t.name: v for t, v in zip(trials, values)}
+
+
+def minmax_act_params(observers: dict, dtype: str = "uint8") -> dict[str, ActParams]:
+    """Asymmetric activation scale/zero point from each observer's exact min/max (a simple, exact baseline)."""
+    return {t: ActParams(*scale_zero_point(*range_minmax(o), dtype)) for t, o in observers.items()}
 
 
 def weight_trials(model: onnx.ModelProto, acts: dict[str, ActParams] | None = None,

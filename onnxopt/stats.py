@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxopt.shapes import TensorInfo, concrete_input_shapes, infer_tensor_info
 
@@ -84,22 +85,46 @@ def node_macs(node: onnx.NodeProto, info: dict[str, TensorInfo]) -> int | None:
     return None
 
 
-def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ModelStats:
-    """Count nodes, parameters, weight bytes and MACs of `model` (main graph)."""
+def _gs_weights(graph: gs.Graph) -> tuple[int, int]:
+    """(parameters, bytes) of a gs graph's constants, Constant-node values included."""
+    consts = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for node in graph.nodes:
+        v = node.attrs.get("value") if node.op == "Constant" else None
+        if isinstance(v, gs.Constant):
+            consts[f"{node.name}/value"] = v
+    params = nbytes = 0
+    for t in consts.values():
+        n = int(np.prod(t.shape)) if t.shape is not None else 0
+        params += n
+        nbytes += n * np.dtype(t.dtype).itemsize
+    return params, nbytes
+
+
+def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                weights_from: gs.Graph | None = None) -> ModelStats:
+    """Count nodes, parameters, weight bytes and MACs of `model` (main graph).
+
+    With `weights_from` (the gs graph `model` was exported from by
+    `export_structure`), parameters and bytes are counted from that graph, and
+    only its real inputs are reported.
+    """
     g = model.graph
     ops = Counter(n.op_type for n in g.node)
     params = nbytes = 0
-    for init in g.initializer:
-        n, b = _tensor_elems_bytes(init)
-        params += n
-        nbytes += b
-    for node in g.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    n, b = _tensor_elems_bytes(a.t)
-                    params += n
-                    nbytes += b
+    if weights_from is not None:
+        params, nbytes = _gs_weights(weights_from)
+    else:
+        for init in g.initializer:
+            n, b = _tensor_elems_bytes(init)
+            params += n
+            nbytes += b
+        for node in g.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        n, b = _tensor_elems_bytes(a.t)
+                        params += n
+                        nbytes += b
     shapes = concrete_input_shapes(model, input_shapes)
     macs_by_node: dict[str, int] = {}
     if any(op in ops for op in MAC_OPS):
@@ -109,5 +134,8 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 m = node_macs(node, info)
                 if m is not None:
                     macs_by_node[node.name or f"{node.op_type}_{k}"] = int(m)
+    if weights_from is not None:
+        real = {t.name for t in weights_from.inputs}
+        shapes = {k: v for k, v in shapes.items() if k in real}
     return ModelStats(nodes=len(g.node), ops=dict(sorted(ops.items())), parameters=params, weight_bytes=nbytes,
                       macs=sum(macs_by_node.values()), macs_by_node=macs_by_node, input_shapes=shapes)

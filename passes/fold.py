@@ -24,8 +24,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from onnxopt.graph import (cleanup, constant_value, export_model, graph_output_owner, iter_graphs,
-                           replace_all_uses, subgraphs_of, toposort, unique_name)
+from onnxopt.graph import (cleanup, constant_value, export_structure, iter_graphs,
+                           output_owners, replace_all_uses, subgraphs_of, toposort, unique_name)
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
 from onnxopt.runtime import session_options
@@ -97,11 +97,12 @@ class FoldConstants(Pass):
         """Nodes of `g` computable from constants alone, in order, respecting the size policy."""
         pending: set[int] = set()
         out: list[gs.Node] = []
+        owners = output_owners(root)
         for node in g.nodes:
             if not node.outputs or node.op in NEVER_FOLD or (node.domain or "") not in STANDARD_DOMAINS \
                     or subgraphs_of(node):
                 continue
-            if any(graph_output_owner(root, t) is not None for t in node.outputs):
+            if any(id(t) in owners for t in node.outputs):
                 continue
             ready = True
             for t in node.inputs:
@@ -244,12 +245,13 @@ def _run_node(root: gs.Graph, node: gs.Node, known: dict[int, np.ndarray]) -> di
 def _constants_to_initializers(graph: gs.Graph, counts: dict) -> int:
     """Turn `Constant` nodes into initializers (except where they produce a graph output)."""
     n = 0
+    owners = output_owners(graph)
     for g in iter_graphs(graph):
         for node in g.nodes:
             if node.op != "Constant" or node.inputs or not node.outputs:
                 continue
             out = node.outputs[0]
-            if graph_output_owner(graph, out) is not None:
+            if id(out) in owners:
                 continue
             value = _constant_attr_value(node)
             if value is None:
@@ -279,6 +281,7 @@ def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
 def _remove_identities(graph: gs.Graph, counts: dict) -> int:
     """Bypass Identity and inference-time Dropout (when its mask is unused)."""
     n = 0
+    owners = output_owners(graph)
     for g in iter_graphs(graph):
         for node in list(g.nodes):
             if node.op == "Identity":
@@ -289,8 +292,8 @@ def _remove_identities(graph: gs.Graph, counts: dict) -> int:
             else:
                 continue
             src, out = node.inputs[0], node.outputs[0]
-            if graph_output_owner(graph, out) is not None:
-                if not _hand_output_name_to_producer(graph, g, src, out):
+            if id(out) in owners:
+                if not _hand_output_name_to_producer(graph, g, src, out, owners):
                     continue  # the output name must stay and nothing else can carry it
             else:
                 replace_all_uses(graph, out, src)
@@ -301,7 +304,8 @@ def _remove_identities(graph: gs.Graph, counts: dict) -> int:
     return n
 
 
-def _hand_output_name_to_producer(graph: gs.Graph, g: gs.Graph, src: gs.Tensor, out: gs.Tensor) -> bool:
+def _hand_output_name_to_producer(graph: gs.Graph, g: gs.Graph, src: gs.Tensor, out: gs.Tensor,
+                                  owners: dict[int, gs.Graph]) -> bool:
     """Let the producer of `src` (in graph `g`) produce the graph output `out` directly.
 
     Keeps the output's name (the signature) while removing the Identity in front of it;
@@ -309,7 +313,7 @@ def _hand_output_name_to_producer(graph: gs.Graph, g: gs.Graph, src: gs.Tensor, 
     input or output, a constant, or comes from an enclosing graph.
     """
     p = src.inputs[0] if src.inputs else None
-    if p is None or isinstance(src, gs.Constant) or graph_output_owner(graph, src) is not None \
+    if p is None or isinstance(src, gs.Constant) or id(src) in owners \
             or any(i is src for i in g.inputs) or not any(n is p for n in g.nodes):
         return False
     for consumer in list(src.outputs):
@@ -356,12 +360,12 @@ def _inline_constant_ifs(graph: gs.Graph, counts: dict) -> int:
 
 def _fold_shapes(graph: gs.Graph, counts: dict) -> int:
     """Replace fully known shape values by constants; give Reshape a -1 for its one dynamic entry."""
-    model = export_model(graph)
-    info = infer_tensor_info(_without_value_info(model))
+    info = infer_tensor_info(export_structure(graph))
     values = evaluate_shape_values(graph.nodes, info)
+    owners = output_owners(graph)
     n = 0
     for node in list(graph.nodes):
-        if not node.outputs or graph_output_owner(graph, node.outputs[0]) is not None:
+        if not node.outputs or id(node.outputs[0]) in owners:
             continue
         out = node.outputs[0]
         v = values.get(id(out))
@@ -408,9 +412,3 @@ def _reshape_target(items: tuple, data_info, allowzero: int) -> np.ndarray | Non
     if len(unknown) > 1 or (unknown and -1 in out):
         return None
     return np.array([-1 if d is None else d for d in out], dtype=np.int64)
-
-
-def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop stale value_info so inference recomputes every shape from the inputs."""
-    del model.graph.value_info[:]
-    return model

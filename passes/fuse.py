@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import cleanup, constant_value, graph_output_owner, replace_all_uses, unique_name
+from onnxopt.graph import cleanup, constant_value, output_owners, replace_all_uses, unique_name
 from onnxopt.kernels.fusion import affine_bias, bn_affine, per_channel, scale_output_channels
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
@@ -43,6 +43,7 @@ class FuseOperators(Pass):
         for _ in range(self.options.max_iterations):
             step = 0
             shapes = ctx.analysis("shapes", graph)
+            graph._onnxopt_owners = output_owners(graph)  # output tensors keep their identity within a round
             for node in list(graph.nodes):
                 if not node.outputs or not node.inputs:
                     continue  # removed earlier in this round
@@ -63,12 +64,16 @@ class FuseOperators(Pass):
             changed = True
             cleanup(graph)
             ctx.invalidate()
+        graph._onnxopt_owners = None
         return PassResult(changed=changed, stats=counts)
 
 
 def _sole_consumer(graph: gs.Graph, t: gs.Tensor) -> gs.Node | None:
-    """The only consumer of `t`, if it has exactly one and `t` is not a graph output."""
-    if len(t.outputs) != 1 or graph_output_owner(graph, t) is not None:
+    """The only consumer of `t`, if it has exactly one and `t` is no output of the graph or a subgraph."""
+    owners = getattr(graph, "_onnxopt_owners", None)
+    if owners is None:
+        owners = output_owners(graph)
+    if len(t.outputs) != 1 or id(t) in owners:
         return None
     return t.outputs[0]
 

@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.calibration import observe
+from onnxopt.calibration import observe, with_outputs
 from onnxopt.channels import ChannelGroups, Reducer, const_value
 from onnxopt.data import seeded_inputs
+from onnxopt.errors import UserError
 from onnxopt.graph import export_model, unique_name
 from onnxopt.kernels import pruning as K
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
 from onnxopt.runtime import make_session
-from onnxopt.calibration import with_outputs
 from onnxopt.stats import model_stats
 
 CRITERIA = ("auto", "l1", "l2", "bn", "activation", "recon")
@@ -58,11 +58,17 @@ class Prune(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         if o.criterion not in CRITERIA or o.compensate not in COMPENSATIONS:
-            from onnxopt.errors import UserError
             raise UserError(f"pass 'prune': criterion must be one of {CRITERIA}, compensate one of {COMPENSATIONS}")
         cg: ChannelGroups = ctx.analysis("channel_groups", graph)
         plan = _Plan(graph, cg, ctx, o)
         return plan.execute()
+
+
+def _out_axis(node: gs.Node) -> int:
+    """Axis of a MAC node's weight that indexes its output channels."""
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}[node.op]
 
 
 class _Plan:
@@ -82,6 +88,9 @@ class _Plan:
         self.red_roots = [(cg.roots(r.out_ids), cg.roots(r.in_ids) if r.in_ids is not None else None)
                           for r in self.red]
         self.values: dict[tuple[int, int], np.ndarray] = {}
+        #: keys of `values` whose array was modified (refit, bias folds) and must be written back.
+        self.dirty: set[tuple[int, int]] = set()
+        self.dirty_slots: list[tuple[gs.Node, int]] = []
         self.extra_sites: list[tuple[gs.Node, int, np.ndarray]] = []
         self.skipped: list[dict[str, str]] = []
         self.node_after = list(self.node_macs)
@@ -122,6 +131,8 @@ class _Plan:
 
     def set_consumer_kept(self, r: Reducer, kept: np.ndarray, new_wk: np.ndarray) -> None:
         w = self.weight(r.node)
+        self.dirty.add((id(r.node), 1))
+        self.dirty_slots.append((r.node, 1))
         op = r.node.op
         if op == "Conv":
             w[:, kept] = new_wk.reshape((w.shape[0], len(kept)) + w.shape[2:]).astype(w.dtype)
@@ -130,12 +141,18 @@ class _Plan:
         else:
             w[kept, :] = new_wk[:, :, 0].T.astype(w.dtype)
 
-    def bias_slot(self, r: Reducer) -> tuple[gs.Node, int] | None:
-        """(node, input index) of the consumer's bias, creating a zero bias for Conv/Gemm; None if impossible."""
+    def bias_slot(self, r: Reducer, create: bool = True) -> tuple[gs.Node, int] | None:
+        """(node, input index) of the consumer's bias, None if it has none and cannot get one.
+
+        Conv and Gemm get a zero bias when `create` (otherwise the answer says only
+        that one can be made); a MatMul's bias is a following Add of a constant.
+        """
         node, op = r.node, r.node.op
         n_out = len(r.out_ids)
         if op in ("Conv", "Gemm"):
             if len(node.inputs) < 3 or not node.inputs[2].name:
+                if not create:
+                    return node, 2
                 dtype = const_value(node.inputs[1]).dtype
                 while len(node.inputs) < 2:
                     node.inputs.append(gs.Variable.empty())
@@ -164,7 +181,10 @@ class _Plan:
         if slot is None:
             return False
         b = self.weight(*slot)
-        self.values[(id(slot[0]), slot[1])] = (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype)
+        key = (id(slot[0]), slot[1])
+        self.dirty_slots.append(slot)
+        self.values[key] = (b.astype(np.float64) + delta.reshape(b.shape)).astype(b.dtype)
+        self.dirty.add(key)
         return True
 
     # ---- exact mode -------------------------------------------------------------
@@ -173,9 +193,7 @@ class _Plan:
         allowed = {c for gi in groups for c in self.cg.groups[gi].classes}
         alive: set[int] = set()
         for r, (out_roots, _) in zip(self.red, self.red_roots):
-            w = self.weight(r.node)
-            axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}.get(r.node.op, 0 if int(r.node.attrs.get("transB", 0)) else 1)
-            norms = K.weight_norms(w, axis)
+            norms = K.weight_norms(self.weight(r.node), _out_axis(r.node))
             if len(r.node.inputs) > 2 and r.node.inputs[2].name and r.node.op != "MatMul":
                 b = np.abs(const_value(r.node.inputs[2]).astype(np.float64)).reshape(-1)
                 norms = norms + (b if b.size == len(norms) else float(b.sum()))
@@ -206,7 +224,7 @@ class _Plan:
                 pads = r.node.attrs.get("pads", [0]) if r.node.op == "Conv" else [0]
                 foldable = r.node.op in ("Gemm", "MatMul") or (
                     r.node.op == "Conv" and not any(pads) and r.node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
-                if not foldable or self.bias_slot(r) is None:
+                if not foldable or self.bias_slot(r, create=False) is None:
                     bad |= v != 0
             for c in in_roots[pos[bad]].tolist():
                 dead.discard(c)
@@ -273,10 +291,7 @@ class _Plan:
         if criterion in ("l1", "l2") or not all(has.values()):
             order = 2 if criterion == "l2" else 1
             for k, r in enumerate(self.red):
-                w = self.weight(r.node)
-                axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}.get(
-                    r.node.op, 0 if int(r.node.attrs.get("transB", 0)) else 1)
-                norms = K.weight_norms(w, axis, order)
+                norms = K.weight_norms(self.weight(r.node), _out_axis(r.node), order)
                 roots = self.red_roots[k][0]
                 for c, v in zip(roots.tolist(), norms.tolist()):
                     if c in index and (criterion in ("l1", "l2") or not has[index[c][0]]):
@@ -324,12 +339,14 @@ class _Plan:
         for node, idx, ids in self.extra_sites:
             by_input[(id(node), idx)].append((0, ids))
             nodes[id(node)] = node
-        for key in set(by_input) | set(self.values):
-            node = nodes.get(key[0]) or next(n for n in g.nodes if id(n) == key[0])
+        for node, idx in self.dirty_slots:
+            nodes[id(node)] = node
+        for key in set(by_input) | self.dirty:
+            node = nodes[key[0]]
             idx = key[1]
             orig = const_value(node.inputs[idx])
-            arr = self.values.get(key, orig)
-            changed = key in self.values
+            changed = key in self.dirty
+            arr = self.values[key] if changed else orig
             for axis, ids in by_input.get(key, []):
                 mask = cg.keep_mask(ids, removed)
                 if not mask.all():
@@ -349,12 +366,15 @@ class _Plan:
             elif s.kind == "split":
                 bounds = s.extra
                 sizes = [int(mask[bounds[i]:bounds[i + 1]].sum()) for i in range(len(bounds) - 1)]
-                if "split" in s.node.attrs or len(s.node.inputs) < 2 or not s.node.inputs[1].name:
+                if g.opset < 13:
                     s.node.attrs["split"] = sizes
-                    if len(s.node.inputs) > 1 and not s.node.inputs[1].name:
-                        pass
                 else:
-                    s.node.inputs[1] = gs.Constant(unique_name(g, "split_pruned"), np.array(sizes, np.int64))
+                    split = gs.Constant(unique_name(g, "split_pruned"), np.array(sizes, np.int64))
+                    s.node.attrs.pop("num_outputs", None)
+                    if len(s.node.inputs) > 1:
+                        s.node.inputs[1] = split
+                    else:
+                        s.node.inputs.append(split)
             elif s.kind == "slice":
                 start, end = s.extra
                 j = s.index
