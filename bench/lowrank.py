@@ -13,7 +13,6 @@ EP with 2 threads, runs interleaved, medians.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -51,11 +50,29 @@ def accuracy(model: onnx.ModelProto, samples: list, chars: list[str]) -> float:
     return ocr_data.rec_accuracy(lambda x: sess.run(None, {name: x})[0], samples, chars)
 
 
+def paired_ratios(base: onnx.ModelProto, cand: onnx.ModelProto, feeds: dict[str, np.ndarray], pairs: int
+                  ) -> np.ndarray:
+    """Latency ratio cand/base per back-to-back pair of runs, alternating which goes first (drift cancels)."""
+    sa, sb = make_session(base, threads=2), make_session(cand, threads=2)
+    for _ in range(3):
+        sa.run(None, feeds)
+        sb.run(None, feeds)
+    out = []
+    for i in range(pairs):
+        t = {}
+        for key, sess in ((("a", sa), ("b", sb)) if i % 2 == 0 else (("b", sb), ("a", sa))):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            t[key] = time.perf_counter() - t0
+        out.append(t["b"] / t["a"])
+    return np.array(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.1,0.2,0.3,0.5")
     ap.add_argument("--runs", type=int, default=40, help="interleaved runs per latency median")
-    ap.add_argument("--repeats", type=int, default=3, help="whole-model latency medians to take the median of")
+    ap.add_argument("--pairs", type=int, default=300, help="back-to-back run pairs for the whole-model ratio")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lowrank.md"))
     args = ap.parse_args(argv)
     path = model_path("rec")
@@ -124,16 +141,16 @@ def main(argv: list[str] | None = None) -> int:
               f"({'; '.join(sorted({d['decision'].split(':')[0] for d in dense_layers}))}). "
               f"Factorized layers slower than dense when re-timed: {slower}."]
     feeds = {"x": ocr_data.rec_samples(1, ocr_data.EVAL_SEED, min_width=320, max_width=320)[0][0]}
-    ratios = []
-    for _ in range(args.repeats):
-        t_orig, t_new = median_latencies([original, chosen.model], feeds, runs=args.runs, threads=2)
-        ratios.append(t_new / t_orig)
-        print(f"whole model: original {t_orig * 1e3:.2f} ms, factorized {t_new * 1e3:.2f} ms", flush=True)
+    t_orig, t_new = median_latencies([original, chosen.model], feeds, runs=args.runs, threads=2)
+    ratios = paired_ratios(original, chosen.model, feeds, pairs=args.pairs)
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    print(f"whole model: {t_orig * 1e3:.2f} ms vs {t_new * 1e3:.2f} ms; paired ratio {med:.3f}", flush=True)
     lines += ["", "## Whole model, CPU EP, 2 threads", "",
-              f"Input 1x3x48x320; {args.repeats} x {args.runs} interleaved runs. Latency ratio factorized/original "
-              f"(median of medians): **{statistics.median(ratios):.3f}** "
-              f"(each: {', '.join(f'{r:.3f}' for r in ratios)}); last medians {t_orig * 1e3:.2f} ms vs "
-              f"{t_new * 1e3:.2f} ms."]
+              f"Input 1x3x48x320. Medians of {args.runs} interleaved runs: original {t_orig * 1e3:.2f} ms, "
+              f"factorized {t_new * 1e3:.2f} ms (ratio {t_new / t_orig:.3f}). Over {args.pairs} back-to-back pairs "
+              f"(order alternating), the median per-pair latency ratio factorized/original is **{med:.3f}** "
+              f"(quartiles {q1:.3f} / {q3:.3f}). Timed on a shared 2-core machine; the head's saving is under 1% "
+              "of the model's time, so the ratio sits within the noise around 1."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)

@@ -114,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = ["# bench/prune: structured pruning of PP-OCR without fine-tuning\n",
              f"Calibration seed {ocr_data.CALIB_SEED}, evaluation seed {ocr_data.EVAL_SEED}. "
-             "Pipeline `fold,fuse` then `prune{macs=M,...}` (default max_ratio=0.3, criterion=recon with data). "
+             "Pipeline `fold,fuse` then `prune{macs=M,...}` (defaults: max_ratio=0.3, round_to=8, criterion=recon with calibration data). "
              "Latency: CPU EP, 2 threads, 50 interleaved runs (200 for cls), medians."]
     only = args.only.split(",")
 

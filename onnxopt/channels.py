@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value, export_model, is_constant
+from onnxopt.graph import constant_value, export_model
 from onnxopt.pass_base import PassContext, register_analysis
 from onnxopt.shapes import concrete_input_shapes, infer_tensor_info
 

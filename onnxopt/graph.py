@@ -8,6 +8,7 @@ IR version, model-level fields) so a round trip keeps the model's signature.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from collections import deque
 from typing import Iterator
@@ -23,6 +24,7 @@ _KEEP_FIELDS = ("producer_name", "producer_version", "domain", "model_version", 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """Build a gs.Graph from a ModelProto, remembering model-level fields for export."""
     graph = gs.import_onnx(_stash_type_attributes(model))
+    name_unnamed_nodes(graph)
     graph._onnxopt_model_fields = {f: getattr(model, f) for f in _KEEP_FIELDS}
     graph._onnxopt_metadata = [(p.key, p.value) for p in model.metadata_props]
     graph._onnxopt_ir_version = model.ir_version
@@ -82,11 +84,56 @@ def _unstash_type_attributes(g: onnx.GraphProto) -> None:
                     a.CopyFrom(onnx.helper.make_attribute(a.name[len(_TYPE_ATTR_PREFIX):], tp))
 
 
+@contextlib.contextmanager
+def _gs_exportable(graph: gs.Graph) -> Iterator[None]:
+    """Inputs/outputs of types gs cannot export (optional, map) are untyped while gs exports the graph."""
+    types = getattr(graph, "_onnxopt_io_types", {})
+    hidden = [(t, t.dtype) for g in iter_graphs(graph) for t in list(g.inputs) + list(g.outputs)
+              if getattr(t, "type", "tensor_type") not in _GS_TYPES and t.name in types]
+    for t, _ in hidden:
+        t.dtype = None
+    try:
+        yield
+    finally:
+        for t, dtype in hidden:
+            t.dtype = dtype
+
+
+def _finish_export(graph: gs.Graph, g: onnx.GraphProto) -> None:
+    """Undo what gs cannot carry: declared optional/map types, TYPE_PROTO attributes."""
+    types = getattr(graph, "_onnxopt_io_types", {})
+    if types:
+        _restore_io_types(g, types)
+    _unstash_type_attributes(g)
+
+
 def _restore_io_types(g: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
     for cur in _all_graph_protos(g):
         for vi in list(cur.input) + list(cur.output):
             if vi.name in types:
                 vi.type.CopyFrom(types[vi.name])
+
+
+def name_unnamed_nodes(graph: gs.Graph) -> None:
+    """Give every unnamed node a unique name `<Op>_<k>`.
+
+    onnx-graphsurgeon compares nodes by name, op, attributes and tensor names when
+    it updates use-def lists; two unnamed nodes alike in those would be mistaken
+    for each other. Names also make reports, placement logs and patterns usable.
+    """
+    taken = {n.name for g in iter_graphs(graph) for n in g.nodes if n.name}
+    counters: dict[str, int] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            if node.name:
+                continue
+            while True:
+                counters[node.op] = counters.get(node.op, 0) + 1
+                name = f"{node.op}_{counters[node.op]}"
+                if name not in taken:
+                    break
+            node.name = name
+            taken.add(name)
 
 
 def _ir_version_for(graph: gs.Graph, original: int | None) -> int:
@@ -104,19 +151,9 @@ def export_model(graph: gs.Graph, sort: bool = True) -> onnx.ModelProto:
     """Turn the gs.Graph back into a ModelProto with the original model-level fields."""
     if sort:
         toposort(graph)
-    types = getattr(graph, "_onnxopt_io_types", {})
-    hidden = [(t, t.dtype) for g in iter_graphs(graph) for t in list(g.inputs) + list(g.outputs)
-              if getattr(t, "type", "tensor_type") not in _GS_TYPES and t.name in types]
-    for t, _ in hidden:
-        t.dtype = None  # gs would fail on optional/map types: export untyped, then restore the declared type
-    try:
+    with _gs_exportable(graph):
         model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for t, dtype in hidden:
-            t.dtype = dtype
-    if types:
-        _restore_io_types(model.graph, types)
-    _unstash_type_attributes(model.graph)
+    _finish_export(graph, model.graph)
     for field, value in getattr(graph, "_onnxopt_model_fields", {}).items():
         setattr(model, field, value)
     del model.metadata_props[:]
@@ -304,6 +341,11 @@ def export_structure(graph: gs.Graph) -> onnx.ModelProto:
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     toposort(graph)
+    with _gs_exportable(graph):
+        return _export_structure(graph, OnnxExporter)
+
+
+def _export_structure(graph: gs.Graph, OnnxExporter) -> onnx.ModelProto:  # noqa: N803 - gs's exporter class
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
     inits, seen = [], set()
     for node in graph.nodes:
@@ -325,4 +367,5 @@ def export_structure(graph: gs.Graph) -> onnx.ModelProto:
     model = onnx.helper.make_model(g, opset_imports=opsets)
     model.ir_version = _ir_version_for(graph, getattr(graph, "_onnxopt_ir_version", None))
     model.functions.extend(getattr(graph, "_onnxopt_functions", []))
+    _finish_export(graph, model.graph)
     return model

@@ -77,7 +77,9 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
     """A copy of `model` with Q->DQ on every tensor in `acts` and int8 weights for `layers`.
 
     A layer's float weight and bias inputs are replaced by DequantizeLinear of
-    the int8 weight and int32 bias (the old constants become dead). Q/DQ nodes are
+    the int8 weight and int32 bias (a float bias stays when `bias_q` is None:
+    weight-only storage); float constants left without a consumer are removed,
+    so only int8 values and scales remain. Q/DQ nodes are
     placed right after the producer so the node list stays topologically
     sorted; every consumer of a quantized tensor reads the dequantized value,
     which lets onnxruntime fuse the producer with its Q.
@@ -88,9 +90,11 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
     by_name = {n.name: n for n in g.node}
     head: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
+    replaced: set[str] = set()
 
     for lq in layers:
         node = by_name[lq.node]
+        replaced.add(node.input[1])
         base = f"{lq.node}_w"
         new_inits += [_array_init(base + "_q", lq.weight_q), _array_init(base + "_s", lq.weight_scale),
                       _array_init(base + "_zp", lq.weight_zp)]
@@ -105,6 +109,7 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
                                       if lq.axis is not None else np.int32(0))]
             head.append(helper.make_node("DequantizeLinear", [bb + "_q", bb + "_s", bb + "_zp"], [bb + "_dq"],
                                          name=bb + "_DequantizeLinear", **({"axis": 0} if lq.axis is not None else {})))
+            replaced.add(node.input[2])
             node.input[2] = bb + "_dq"
 
     graph_outputs = {o.name for o in g.output}
@@ -137,10 +142,28 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
                     nodes += qdq(o, o + "_float", o)
                 else:
                     nodes += qdq(o, o, renamed[o])
+    used = _used_names(nodes) | graph_outputs
+    dead = replaced - used
+    nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] in dead)]
+    kept_inits = [i for i in g.initializer if i.name not in dead]
     del g.node[:]
     g.node.extend(nodes)
-    g.initializer.extend(new_inits)
+    del g.initializer[:]
+    g.initializer.extend(kept_inits + new_inits)
     return out
+
+
+def _used_names(nodes) -> set[str]:
+    """Every tensor name read by `nodes`, including reads from inside their subgraphs (If/Loop bodies)."""
+    used: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        used.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                stack.extend(sub.node)
+    return used
 
 
 def optimized_op_types(model: onnx.ModelProto, threads: int = 2) -> list[str]:

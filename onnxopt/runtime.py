@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-_TWO_GB = 2**31
 
 
 def session_options(threads: int = 2, optimize: bool = True) -> ort.SessionOptions:

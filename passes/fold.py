@@ -16,6 +16,7 @@ stays and is reported, what follows it still folds where shapes allow.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,11 +55,12 @@ class FoldConstants(Pass):
         size_limit_mb: float = option(1.0, "never materialize a tensor larger than this from a generator "
                                            "(ConstantOfShape/Expand/Tile/Range); 0 = no limit")
         shapes: bool = option(True, "fold shape arithmetic from inferred static dimensions")
+        cse: bool = option(True, "merge identical constants and nodes computing the same thing")
         max_iterations: int = option(10, "stop after this many rounds even if more could fold")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts = {"constant_nodes": 0, "identity_removed": 0, "if_inlined": 0, "shape_folded": 0,
-                  "reshape_partial": 0, "folded_nodes": 0, "dead_nodes": 0}
+                  "reshape_partial": 0, "folded_nodes": 0, "cse_merged": 0, "dead_nodes": 0}
         self._skipped: dict[str, dict[str, str]] = {}
         limit = int(self.options.size_limit_mb * 2**20) if self.options.size_limit_mb > 0 else None
         changed = False
@@ -70,6 +72,8 @@ class FoldConstants(Pass):
             if self.options.shapes:
                 step += _fold_shapes(graph, counts)
             step += self._fold_constants(graph, limit, counts)
+            if self.options.cse:
+                step += _eliminate_common_subexpressions(graph, counts)
             live = sum(1 for g in iter_graphs(graph) for n in g.nodes if n.outputs)
             cleanup(graph)
             dead = max(0, live - sum(len(g.nodes) for g in iter_graphs(graph)))
@@ -153,6 +157,60 @@ class FoldConstants(Pass):
             if not any(isinstance(t, gs.Variable) for t in n.outputs):
                 folded += 1
         return folded
+
+
+def _constant_key(t: gs.Constant) -> tuple:
+    v = np.ascontiguousarray(t.values)
+    return (v.dtype.str, v.shape, hashlib.sha1(v.view(np.uint8).reshape(-1) if v.size else b"").hexdigest())
+
+
+def _attr_key(value) -> object:
+    if isinstance(value, gs.Constant):
+        return ("tensor",) + _constant_key(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_attr_key(v) for v in value)
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return value
+
+
+def _eliminate_common_subexpressions(graph: gs.Graph, counts: dict) -> int:
+    """Merge equal constants, then nodes with the same op, attributes and inputs (in topological order).
+
+    Random ops, nodes with subgraphs and nodes producing a graph output are never merged.
+    """
+    owners = output_owners(graph)
+    n = 0
+    for g in iter_graphs(graph):
+        canon: dict[tuple, gs.Constant] = {}
+        for node in g.nodes:
+            for i, t in enumerate(node.inputs):
+                if isinstance(t, gs.Constant) and id(t) not in owners:
+                    first = canon.setdefault(_constant_key(t), t)
+                    if first is not t:
+                        node.inputs[i] = first
+        toposort(g)
+        seen: dict[tuple, gs.Node] = {}
+        for node in list(g.nodes):
+            if not node.outputs or node.op in NEVER_FOLD - {"QuantizeLinear", "DequantizeLinear"} \
+                    or subgraphs_of(node) or any(id(t) in owners for t in node.outputs):
+                continue
+            try:
+                key = (node.op, node.domain or "", tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
+                       tuple(id(t) if t.name else None for t in node.inputs), len(node.outputs))
+                hash(key)
+            except TypeError:
+                continue
+            first = seen.setdefault(key, node)
+            if first is node:
+                continue
+            for mine, theirs in zip(list(node.outputs), list(first.outputs)):
+                replace_all_uses(graph, mine, theirs)
+            node.outputs.clear()
+            node.inputs.clear()
+            n += 1
+    counts["cse_merged"] += n
+    return n
 
 
 def _generator_bytes(node: gs.Node) -> int | None:

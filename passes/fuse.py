@@ -149,9 +149,29 @@ def _bypass(graph: gs.Graph, node: gs.Node, replacement: gs.Tensor) -> None:
     node.inputs.clear()
 
 
+def _split_shared_producer(graph: gs.Graph, bn: gs.Node) -> None:
+    """If a weighted op feeds only BatchNorms (several), give `bn` its own copy of that op.
+
+    Each BatchNorm then folds into its copy: k BNs + 1 op become k ops.
+    """
+    t = bn.inputs[0]
+    if not t.inputs or len(t.outputs) < 2 or any(o is t for o in graph.outputs):
+        return
+    if not all(c.op == "BatchNormalization" for c in t.outputs):
+        return
+    p = t.inputs[0]
+    if p.op not in WEIGHTED or len(p.outputs) != 1 or constant_value(p.inputs[1]) is None:
+        return
+    out = gs.Variable(unique_name(graph, f"{t.name}_{bn.name}"), dtype=t.dtype, shape=t.shape)
+    graph.nodes.append(gs.Node(p.op, name=unique_name(graph, f"{p.name}_{bn.name}"), attrs=dict(p.attrs),
+                               domain=p.domain, inputs=list(p.inputs), outputs=[out]))
+    bn.inputs[0] = out
+
+
 def _fold_bn(graph: gs.Graph, bn: gs.Node) -> bool:
     if len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0):
         return False
+    _split_shared_producer(graph, bn)
     p = _weighted_producer(graph, bn.inputs[0])
     params = [constant_value(t) for t in bn.inputs[1:5]]
     if p is None or any(v is None for v in params) or not _gemm_bias_ok(p):

@@ -7,7 +7,10 @@ timed, cached on disk by shape). Ranks come from a per-layer energy threshold
 or a global parameter / error budget. With calibration data the factors are
 whitened by the layer's input covariance (SVD-LLM / ASVD), so the discarded
 singular values are the real output error, and the bias absorbs the mean of
-that error; without data it is a plain truncated SVD of W.
+that error; without data it is a plain truncated SVD of W. Layers reading the
+same input may share the first factor (`share`). 1x1 Convs are handled as
+Gemms over channels but are opt-in (`ops=Gemm|MatMul|Conv`): on PP-OCRv4 rec,
+per-layer errors that look small compound through the CNN backbone.
 """
 from __future__ import annotations
 
@@ -323,6 +326,8 @@ class LowRank(Pass):
                 continue
             reason = L.row.pop("why", None) or "dense kept: no rank within the budget"
             L.row.update(self._row(L, 0), decision=reason)
+            L.row.setdefault("dense_us", None)
+            L.row.setdefault("factorized_us", None)
             skipped.extend({"node": M.node.name, "op": M.kind, "reason": reason} for M in L.members or [L])
 
     def _fast_cap(self, L: _Layer) -> int:

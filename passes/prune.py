@@ -50,7 +50,7 @@ class Prune(Pass):
         criterion: str = option("auto", "importance: l1, l2, bn, activation, recon (auto: recon with data, else l1)")
         compensate: str = option("auto", "none, bias (fold the mean), refit (ridge least squares); auto: refit with data")
         max_ratio: float = option(0.3, "at most this fraction of one group's channels is removed")
-        round_to: int = option(1, "kept channel counts are multiples of this (e.g. 8)")
+        round_to: int = option(8, "kept channel counts are multiples of this (ORT CPU kernels block channels by 8/16; 1 = any)")
         protect: list[str] = option([], "name patterns (fnmatch) of nodes whose channels are never pruned")
         exact: bool = option(False, "only remove provably dead channels (outputs unchanged)")
         ridge: float = option(1e-3, "ridge strength of the refit, relative to the mean channel variance")

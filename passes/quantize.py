@@ -8,6 +8,21 @@ are timed on onnxruntime (cached by shape), and layers whose int8 form is
 slower stay float. Then each remaining layer is quantized alone to measure
 its sensitivity (output SQNR), and the most sensitive ones are kept float
 until the whole model meets `target_sqnr`.
+
+With `weight_only=true`, layers left float (slower in int8, or too
+sensitive) still store int8 weights behind a DequantizeLinear on the weight
+alone: a smaller model, but onnxruntime does not constant-fold
+DequantizeLinear in QDQ models, so those weights are dequantized every run and
+the float kernels lose their pre-packed weights. On PP-OCRv4 rec that cost
+1.4x latency and 1.5 points of accuracy (bench/results/quantize.md), so it is
+off by default; when on, it is dropped if it breaks `target_sqnr` or makes
+the whole model slower.
+
+Every decision is reproducible: per-layer and whole-model timings come from
+the disk `TimingCache` ($ONNXOPT_CACHE), keyed by layer shape and by the
+content hash of the float and int8 models, and calibration statistics are
+cached by model and data hash, so the same input, options and cache give
+byte-identical output.
 """
 from __future__ import annotations
 
@@ -22,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxopt.calibration import activation_histograms
-from onnxopt.graph import export_model, import_model
+from onnxopt.graph import export_model, import_model, model_hash
 from onnxopt.kernels.metrics import sqnr_db
 from onnxopt.kernels.bias_guard import bias_safe_weight_scales
 from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, quantize, quantize_bias, quantize_weight_per_channel,
@@ -73,7 +88,9 @@ class Quantize(Pass):
         exclude: list[str] = option([], "regexes: nodes whose name matches one stay float")
         ranges: list[str] = option([], "per-tensor range overrides 'tensor=min:max'")
         cache: bool = option(True, "cache calibration statistics on disk")
-        check_latency: bool = option(True, "time the whole float and int8 models once and report the ratio")
+        check_latency: bool = option(True, "time the whole float and int8 models (cached) and back off while slower")
+        weight_only: bool = option(False, "layers kept float store int8 weights behind a DequantizeLinear "
+                                          "(smaller, but dequantized every run)")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -90,8 +107,8 @@ class Quantize(Pass):
                 notes.append(note)
                 per_channel = False
         work = _Work(model, data, opts, per_channel, notes)
-        final, layers_kept, details, stats, skipped = work.run()
-        if not layers_kept:
+        final, details, stats, skipped = work.run()
+        if final is work.model:
             return PassResult(changed=False, stats=stats, skipped=skipped, details=details)
         new = import_model(final)
         graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
@@ -265,6 +282,17 @@ class _Work:
                 bs = np.asarray(bs).reshape(())
         return LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis, bq, bs, notes)
 
+    def weight_only_layer(self, n: onnx.NodeProto) -> LayerQuant:
+        """Int8 weight only (float bias, float compute): storage for a layer kept float."""
+        w = self.consts[n.input[1]]
+        if self.per_channel:
+            axis = weight_axis(n)
+            q, s, z = quantize_weight_per_channel(w, axis)
+        else:
+            axis = None
+            q, s, z = quantize_weight_per_tensor(w)
+        return LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis)
+
     # ---- latency --------------------------------------------------------------------------------
     def faster_in_int8(self, n: onnx.NodeProto, lq: LayerQuant, acts: dict[str, ActParams],
                        shape: tuple[int, ...] | None, cache: TimingCache) -> tuple[bool, float | None]:
@@ -286,10 +314,14 @@ class _Work:
         return ratio < 1.0, ratio
 
     # ---- accuracy -------------------------------------------------------------------------------
-    def build(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> onnx.ModelProto:
+    def build(self, acts: dict[str, ActParams], layers: list[LayerQuant], weight_only: bool = True
+              ) -> onnx.ModelProto:
         """The QDQ model for `layers`: their inputs quantized, Conv outputs always (QLinearConv needs the Q),
-        Gemm/MatMul outputs only when every consumer is a quantized layer."""
+        Gemm/MatMul outputs only when every consumer is a quantized layer. With `weight_only`, the other
+        candidate layers keep float compute but store int8 weights."""
         kept = {lq.node for lq in layers}
+        if weight_only and self.use_weight_only:
+            layers = layers + [lq for name, lq in self.wonly.items() if name not in kept]
         tensors: dict[str, ActParams] = {}
         for lq in layers:
             n = self.nodes[lq.node]
@@ -311,10 +343,20 @@ class _Work:
 
     def never_slower(self, acts, layers, kept, final, stats):
         """Time the whole float and int8 models; while int8 is slower keep only layers with larger
-        per-layer gains (ratio thresholds 0.8, 0.6), and give up (float model) if it stays slower."""
+        per-layer gains (ratio thresholds 0.8, 0.6), and give up (float model) if it stays slower.
+
+        Timings are cached by the content hash of both models, so with a warm cache the same
+        choice is made again and the output is byte-identical."""
         ratio = 1.0
-        for limit in (None, 0.8, 0.6):
-            if limit is not None:
+        tries = [None, None, 0.8, 0.6] if self.use_weight_only else [None, 0.8, 0.6]
+        for i, limit in enumerate(tries):
+            if i == 1 and self.use_weight_only:
+                self.use_weight_only = False
+                self.notes.append("int8 weights on float layers made the model slower: dropped")
+                final = self.build(acts, [layers[k] for k in kept]) if kept else self.model
+                if final is self.model:
+                    break
+            elif limit is not None:
                 kept = [k for k in kept if (self.rows[k].get("int8_latency_ratio") or 1.0) < limit]
                 for name in set(layers) - set(kept):
                     if self.rows[name].get("why") is None:
@@ -322,7 +364,8 @@ class _Work:
                 if not kept:
                     break
                 final = self.build(acts, [layers[k] for k in kept])
-            t_float, t_int8 = median_latencies([self.model, final], self.samples[0], runs=15)
+            key = json.dumps(["model", model_hash(self.model), model_hash(final)])
+            t_float, t_int8 = self.timing.measure(key, [self.model, final], self.samples[0], runs=15)
             ratio = t_int8 / t_float
             stats.setdefault("latency_ratio_tries", []).append(round(ratio, 3))
             if ratio <= 1.0:
@@ -331,6 +374,7 @@ class _Work:
         self.notes.append(f"int8 model stayed slower than float ({ratio:.2f}x): left float")
         for name in kept:
             self.rows[name].update(int8=False, why="whole model slower in int8")
+        self.use_weight_only = False
         return self.model, []
 
     # ---- the pass -------------------------------------------------------------------------------
@@ -340,7 +384,7 @@ class _Work:
         stats: dict = {"candidates": len(cands), "method": self.opts.method, "per_channel": self.per_channel,
                        "activations": self.act_type, "vnni": self.vnni, "notes": self.notes}
         if not cands:
-            return self.model, [], list(self.rows.values()), stats, self.skipped
+            return self.model, list(self.rows.values()), stats, self.skipped
         first = next(iter(self.data))
         shapes = {k: tuple(v.shape) for k, v in first.items()}
         info = infer_tensor_info(self.model, shapes)
@@ -365,8 +409,11 @@ class _Work:
             if lq.notes:
                 row["notes"] = lq.notes
             layers[n.name] = lq
+        self.wonly = {n.name: self.weight_only_layer(n) for n in cands}
+        self.use_weight_only = self.opts.weight_only
+        self.timing = TimingCache("quantize")
         if self.opts.latency_aware:
-            cache = TimingCache("quantize")
+            cache = self.timing
             for name in list(layers):
                 n = self.nodes[name]
                 ti = info.get(n.input[0])
@@ -382,8 +429,15 @@ class _Work:
         kept = list(layers)
         if self.opts.accuracy_aware and layers:
             sens = {}
+            if self.use_weight_only:
+                sqnr_wo = self.output_sqnr(self.build(acts, []))
+                stats["sqnr_weight_only_db"] = round(sqnr_wo, 2)
+                if sqnr_wo < self.opts.target_sqnr:
+                    self.use_weight_only = False
+                    self.notes.append(f"int8 weights alone give {sqnr_wo:.1f} dB < target_sqnr: float layers "
+                                      "keep float weights")
             for name in kept:
-                sens[name] = self.output_sqnr(self.build(acts, [layers[name]]))
+                sens[name] = self.output_sqnr(self.build(acts, [layers[name]], weight_only=False))
                 self.rows[name]["sensitivity_sqnr_db"] = round(sens[name], 2)
             order = sorted(kept, key=lambda k: sens[k])
             limit = len(order) if self.opts.max_float_layers < 0 else min(self.opts.max_float_layers, len(order))
@@ -412,18 +466,22 @@ class _Work:
                 self.rows[name].update(int8=False, why=f"sensitive (alone {sens[name]:.1f} dB)")
             kept = order[k:]
             stats["sqnr_all_int8_db"] = round(sqnr_with_float(0), 2)
-        final = self.build(acts, [layers[k] for k in kept]) if kept else self.model
-        if kept and self.opts.check_latency:
+        final = self.build(acts, [layers[k] for k in kept]) if kept or self.use_weight_only else self.model
+        if final is not self.model and self.opts.check_latency:
             final, kept = self.never_slower(acts, layers, kept, final, stats)
         for name in kept:
             self.rows[name].update(int8=True, why="faster and accurate enough" if self.opts.latency_aware
                                    else "quantized")
+        for name in self.wonly:
+            if name not in kept and self.use_weight_only:
+                self.rows[name]["weight_only_int8"] = True
         total = sum(int(macs.get(n.name) or 0) for n in cands) or 1
         all_macs = sum(int(v or 0) for k, v in macs.items()
                        if k in self.nodes and self.nodes[k].op_type in MAC_OPS) or 1
         int8_macs = sum(int(macs.get(k) or 0) for k in kept)
         stats.update(int8_layers=len(kept), float_layers=len(cands) - len(kept),
                      int8_mac_share=round(int8_macs / all_macs, 4), int8_candidate_mac_share=round(int8_macs / total, 4))
-        if kept:
+        stats["weight_only_layers"] = sum(1 for n in self.wonly if n not in kept) if self.use_weight_only else 0
+        if final is not self.model:
             stats["output_sqnr_db"] = round(self.output_sqnr(final), 2)
-        return final, kept, list(self.rows.values()), stats, self.skipped
+        return final, list(self.rows.values()), stats, self.skipped

@@ -235,3 +235,44 @@ def test_real_cls_model_runs_integer_kernels(tmp_path):
     assert stats["output_sqnr_db"] >= 30 - 1e-6 or stats["float_layers"] > 0
     x = ocr_data.cls_samples(1, 1)[0][0]
     assert np.isfinite(make_session(res.model).run(None, {"x": x})[0]).all()
+
+
+def test_output_is_byte_identical_across_processes_given_the_cache(tmp_path):
+    """Timing-based decisions (per layer and whole model) come from the disk cache, so a second process with
+    the same input, options and $ONNXOPT_CACHE writes the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    model, data = _net(), _data(4)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.stack([d["x"][0] for d in data[:1]] * 4))
+    args = ["optimize", str(tmp_path / "m.onnx"), "-p", "quantize{sensitivity_samples=2}", "--calib",
+            str(tmp_path / "calib.npz")]
+    from onnxopt.cli import main
+    assert main(args + ["-o", str(tmp_path / "a.onnx")]) == 0
+    code = "import sys; from onnxopt.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, ONNXOPT_PROGRESS="0")
+    subprocess.run([sys.executable, "-c", code, *args, "-o", str(tmp_path / "b.onnx")], check=True, env=env)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_weight_only_option_stores_int8_weights_for_float_layers(monkeypatch):
+    """Convs kept float (int8 slower) keep float compute but int8 weights; no float weight stays behind."""
+    from onnxopt import timing
+
+    def fake(self, key, models, feeds, runs=20):
+        return [1.0, 2.0] if '"Conv"' in key else [2.0, 1.0]
+    monkeypatch.setattr(timing.TimingCache, "measure", fake)
+    for weight_only in (False, True):
+        res = _quantize(_net(), accuracy_aware=False, check_latency=False, weight_only=str(weight_only).lower())
+        g = res.model.graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        assert not any(k in inits for k in ("M", "G")), "a quantized layer's float weight remains"
+        assert ("W1" in inits and "W2" in inits) != weight_only
+        ops = collections.Counter(optimized_op_types(res.model))
+        assert ops["QLinearConv"] == 0 and ops["QGemm"] == 1
+        rows = [r for r in _pass_report(res)["details"] if r["op"] == "Conv"]
+        assert all(not r["int8"] and r.get("weight_only_int8", False) == weight_only for r in rows)
+    x = _data(1, seed=5)[0]
+    assert sqnr_db(make_session(_net()).run(None, x)[0], make_session(res.model).run(None, x)[0]) > 20
