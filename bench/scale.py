@@ -233,7 +233,7 @@ def main() -> int:
             f"runs: {args.runs} (median, interleaved); calibration: {args.samples} PP-OCR det pages "
             f"{args.size}x{args.size}, every Conv input/output, histograms; sensitivity: PP-OCRv4 rec, one "
             f"trial per Conv/MatMul layer, 4 samples; fleet: fold,fuse on det/rec/cls + 9 light models.\n"
-            f"1 process runs onnxruntime with 2 threads; each Ray task with 1 thread on its own CPU.\n\n"
+            f"Every task runs onnxruntime with 2 threads (its results depend on the thread count), on 1 process or 2 Ray workers.\n\n"
             + table(header, rows) + "\n")
     print(text)
     out = ROOT / "bench" / "results" / "scale.md"

@@ -24,16 +24,14 @@ def scale_output_channels(w: np.ndarray, a: np.ndarray, axis: int, groups: int =
     local index j is g * (C_out / groups) + j, the weight's input axis being split
     into the groups) and for MatMul/Gemm weights [K, N].
     """
-    w64 = w.astype(np.float64)
+    factors = a.astype(w.dtype)  # one output-sized array, whatever the weight's size (no float64 copy)
     if axis == 0 or groups == 1:
         shape = [1] * w.ndim
         shape[axis] = -1
-        return (w64 * a.reshape(shape)).astype(w.dtype)
+        return w * factors.reshape(shape)
     cin, per_group = w.shape[0], w.shape[1]
-    rows_per_group = cin // groups
-    grouped = a.reshape(groups, per_group)
-    factors = np.repeat(grouped, rows_per_group, axis=0)  # [cin, per_group]
-    return (w64 * factors.reshape(cin, per_group, *([1] * (w.ndim - 2)))).astype(w.dtype)
+    grouped = np.repeat(factors.reshape(groups, per_group), cin // groups, axis=0)  # [cin, per_group]
+    return w * grouped.reshape(cin, per_group, *([1] * (w.ndim - 2)))
 
 
 def affine_bias(b: np.ndarray | None, a: np.ndarray, c: np.ndarray, channels: int, dtype: np.dtype) -> np.ndarray:

@@ -11,7 +11,6 @@ import onnx
 
 from onnxopt.check import check_models, loosest
 from onnxopt.data import CalibrationData, Sample
-from onnxopt.errors import UserError
 from onnxopt.manager import PassManager
 from onnxopt.model_io import load_model, save_model
 from onnxopt.pass_base import PassContext
@@ -59,6 +58,8 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     before = model_stats(original, input_shapes)
     pm = PassManager(passes, ctx, dump_dir=dump_dir, verify_each=verify_each)
     model = pm.run_model(original)
+    if not check:
+        del original  # the result is a new proto; holding both would double peak memory on big models
     after = model_stats(model, input_shapes)
     report: dict[str, Any] = {
         "input": source,
@@ -75,9 +76,3 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     return Result(model, report)
 
 
-def require_file(path: str | os.PathLike) -> Path:
-    """Path of an existing file, or a UserError."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such file")
-    return p

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from onnxopt.data import Sample
 from onnxopt.graph import model_hash
+from onnxopt.kernels.bias_correction import ChannelMeanObserver
 from onnxopt.kernels.observers import HistogramObserver
 from onnxopt.progress import progress
 from onnxopt.runtime import session_options
@@ -92,23 +93,9 @@ def activation_histograms(model: onnx.ModelProto, data: Iterable[Sample], tensor
     `shapes`, if given, receives each tensor's shape on the first sample
     (for timing and MAC counts where static shape inference gives up).
     """
-    samples = data
-    if hasattr(data, "fingerprint"):
-        data_key = data.fingerprint()
-    else:
-        samples = list(data)
-        h = hashlib.sha256()
-        for s in samples:
-            for k in sorted(s):
-                h.update(k.encode() + str(s[k].shape).encode() + np.ascontiguousarray(s[k]).tobytes())
-        data_key = h.hexdigest()[:16]
+    samples, data_key = _data_key(data)
     path = _stats_cache_path(model, data_key, max_bins)
-    stored: dict[str, dict] = {}
-    if cache:
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stored = {}
+    stored = _read_cache(path) if cache else {}
     result = {t: HistogramObserver.from_dict(stored[t]) for t in tensors if t in stored}
     first_shapes = {t: tuple(v) for t, v in stored.get("__shapes__", {}).items()}
     missing = [t for t in tensors if t not in result or t not in first_shapes]
@@ -120,16 +107,58 @@ def activation_histograms(model: onnx.ModelProto, data: Iterable[Sample], tensor
         if cache:
             stored.update({t: o.hist.to_dict() for t, o in fresh.items()})
             stored["__shapes__"] = {t: list(v) for t, v in first_shapes.items()}
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(stored))
-                os.replace(tmp, path)
-            except OSError:
-                pass  # a read-only cache only costs time
+            _write_cache(path, stored)
     if shapes is not None:
         shapes.update({t: first_shapes[t] for t in tensors if t in first_shapes})
     return result
+
+
+def channel_means(model: onnx.ModelProto, data: Iterable[Sample], axes: dict[str, int], cache: bool = True,
+                  desc: str = "calibrating means") -> dict[str, ChannelMeanObserver]:
+    """Per-channel means of tensors (`{name: channel axis}`), streamed and cached on disk like the histograms."""
+    samples, data_key = _data_key(data)
+    path = _stats_cache_path(model, data_key, 0).with_name(f"means-{model_hash(model)[:16]}-{data_key}.json")
+    stored = _read_cache(path) if cache else {}
+    key = {t: f"{t}@{a}" for t, a in axes.items()}
+    result = {t: ChannelMeanObserver.from_dict(stored[key[t]]) for t in axes if key[t] in stored}
+    missing = sorted(t for t in axes if t not in result)
+    if missing:
+        total = len(samples) if hasattr(samples, "__len__") else None
+        fresh = observe(model, samples, missing, lambda t: ChannelMeanObserver(axes[t]), desc=desc, total=total)
+        result.update(fresh)
+        if cache:
+            stored.update({key[t]: o.to_dict() for t, o in fresh.items()})
+            _write_cache(path, stored)
+    return result
+
+
+def _data_key(data: Iterable[Sample]) -> tuple[Iterable[Sample], str]:
+    """The data (re-iterable) and its fingerprint: `CalibrationData.fingerprint()` or a hash of the samples."""
+    if hasattr(data, "fingerprint"):
+        return data, data.fingerprint()
+    samples = list(data)
+    h = hashlib.sha256()
+    for s in samples:
+        for k in sorted(s):
+            h.update(k.encode() + str(s[k].shape).encode() + np.ascontiguousarray(s[k]).tobytes())
+    return samples, h.hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, stored: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs time
 
 
 class _ShapeRecorder:

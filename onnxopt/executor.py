@@ -108,11 +108,6 @@ class Executor:
         """Put `obj` once where every worker can read it (pass the handle in the items)."""
         return Shared(uuid.uuid4().hex, value=obj)
 
-    @property
-    def threads_per_task(self) -> int:
-        """onnxruntime intra-op threads a task should use so the tasks together fill the CPUs."""
-        return max(1, (os.cpu_count() or 1) // max(1, self.workers))
-
     def close(self) -> None:
         """Release workers and shared objects."""
 
@@ -156,10 +151,6 @@ class LocalExecutor(Executor):
         self._tmp: Path | None = None
         #: Pool restarts after a worker died (for reports and tests).
         self.restarts = 0
-
-    @property
-    def threads_per_task(self) -> int:
-        return 2 if self.workers == 1 else super().threads_per_task
 
     def share(self, obj: Any) -> Shared:
         if self.workers == 1:
@@ -272,10 +263,6 @@ class RayExecutor(Executor):
             self._owns = True
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(_call)
-
-    @property
-    def threads_per_task(self) -> int:
-        return 1
 
     def share(self, obj: Any) -> Shared:
         return Shared(uuid.uuid4().hex, ref=self._ray.put(obj))

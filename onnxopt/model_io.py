@@ -99,6 +99,58 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, .
     return o
 
 
+_MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
+_GRAPH_FIELDS = ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation")
+
+
+def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
+    """Write `model` with its large initializers in `data_path`, without changing or copying `model`.
+
+    A weight-free skeleton of the model is built field by field; each large
+    tensor's bytes go straight to the data file (one tensor in memory at a time),
+    so saving a model over 2 GB costs no second copy of its weights.
+    """
+    from onnx import numpy_helper
+
+    skeleton = onnx.ModelProto()
+    for f in _MODEL_FIELDS:
+        setattr(skeleton, f, getattr(model, f))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.metadata_props.extend(model.metadata_props)
+    skeleton.functions.extend(model.functions)
+    src, g = model.graph, skeleton.graph
+    g.name, g.doc_string = src.name, src.doc_string
+    for f in _GRAPH_FIELDS:
+        getattr(g, f).extend(getattr(src, f))
+    with open(data_path, "wb") as data:
+        for t in src.initializer:
+            raw = t.raw_data if t.HasField("raw_data") else None
+            if raw is None and t.data_type != onnx.TensorProto.STRING and not t.external_data:
+                raw = numpy_helper.to_array(t).tobytes() if _tensor_elems(t) * 4 >= EXTERNAL_THRESHOLD else None
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                g.initializer.append(t)
+                continue
+            offset = data.tell()
+            pad = (-offset) % 4096  # page-aligned, so the data file can be memory-mapped
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(raw)
+            ext = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+            ext.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                ext.external_data.add(key=key, value=value)
+            del raw
+    with open(model_path, "wb") as f:
+        f.write(skeleton.SerializeToString(deterministic=True))
+
+
+def _tensor_elems(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write `model` atomically; external data when asked or when the model exceeds 2 GB.
 
@@ -113,10 +165,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         tmp_model = tmpdir / out.name
         data_name = out.name + ".data"
         if external_data:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=EXTERNAL_THRESHOLD, convert_attribute=False)
-            # save_model moved the data out of the in-memory proto; bring it back so the caller's model stays whole
-            onnx.load_external_data_for_model(model, str(tmpdir))
+            _write_with_external_data(model, tmp_model, tmpdir / data_name, data_name)
             os.replace(tmpdir / data_name, parent / data_name)
         else:
             with open(tmp_model, "wb") as f:

@@ -109,8 +109,11 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
                                       if lq.axis is not None else np.int32(0))]
             head.append(helper.make_node("DequantizeLinear", [bb + "_q", bb + "_s", bb + "_zp"], [bb + "_dq"],
                                          name=bb + "_DequantizeLinear", **({"axis": 0} if lq.axis is not None else {})))
-            replaced.add(node.input[2])
-            node.input[2] = bb + "_dq"
+            if len(node.input) > 2:
+                replaced.add(node.input[2])
+                node.input[2] = bb + "_dq"
+            else:
+                node.input.append(bb + "_dq")
 
     graph_outputs = {o.name for o in g.output}
 

@@ -63,15 +63,17 @@ def _run_trial(task: _Task) -> float:
 
 
 def sensitivity(model: onnx.ModelProto, samples: Sequence[Sample], trials: Sequence[Trial],
-                executor: Executor | None = None, reference: Sequence[list[np.ndarray]] | None = None
-                ) -> dict[str, float]:
-    """Output SQNR (dB) of each trial against the float model, run by `executor`: {trial name: dB}."""
+                executor: Executor | None = None, reference: Sequence[list[np.ndarray]] | None = None,
+                threads: int = 2) -> dict[str, float]:
+    """Output SQNR (dB) of each trial against the float model, run by `executor`: {trial name: dB}.
+
+    Every trial runs onnxruntime with `threads` threads wherever it runs (results can depend on it)."""
     executor = executor or LocalExecutor(1)
     samples = list(samples)
     if reference is None:
-        reference = reference_outputs(model, samples)
+        reference = reference_outputs(model, samples, threads)
     base = executor.share((model, samples, list(reference)))
-    tasks = [_Task(base, t, executor.threads_per_task) for t in trials]
+    tasks = [_Task(base, t, threads) for t in trials]
     values = executor.map(_run_trial, tasks, desc="sensitivity", unit="layer")
     return {t.name: v for t, v in zip(trials, values)}
 

@@ -74,12 +74,16 @@ def _observe_shard(task: _Shard) -> dict[str, Observer]:
 def sharded_observe(model: onnx.ModelProto, data: CalibrationData | str | os.PathLike | Iterable[Sample],
                     tensors: list[str], executor: Executor | None = None,
                     make_observer: Any = ObserverFactory(), shards: int | None = None,
-                    desc: str = "calibrating") -> dict[str, Observer]:
+                    desc: str = "calibrating", threads: int = 2) -> dict[str, Observer]:
     """`observe(model, data, tensors, make_observer)` split into shards run by `executor`, then merged.
 
     `make_observer(tensor)` must be picklable (an `ObserverFactory`, not a
     lambda) and build mergeable observers. `shards` defaults to 4 per worker
-    (1 in-process), for load balance and cheap retries. Returns {tensor: observer}.
+    (1 in-process), for load balance and cheap retries. Every task runs
+    onnxruntime with `threads` intra-op threads, whatever the executor: its
+    results can change with the thread count (PP-OCR det's convolutions do), so
+    bit-identity with `observe(..., threads=threads)` needs the same count.
+    Returns {tensor: observer}.
     """
     executor = executor or LocalExecutor(1)
     if not isinstance(data, CalibrationData):
@@ -92,7 +96,7 @@ def sharded_observe(model: onnx.ModelProto, data: CalibrationData | str | os.Pat
     else:
         source = executor.share(list(data))
     shared_model = executor.share(model)
-    tasks = [_Shard(shared_model, source, a, b, list(tensors), make_observer, executor.threads_per_task)
+    tasks = [_Shard(shared_model, source, a, b, list(tensors), make_observer, threads)
              for a, b in shard_bounds(n, shards)]
     parts = executor.map(_observe_shard, tasks, desc=desc, unit="shard")
     merged = parts[0]

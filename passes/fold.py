@@ -160,8 +160,9 @@ class FoldConstants(Pass):
 
 
 def _constant_key(t: gs.Constant) -> tuple:
+    shape = np.shape(t.values)  # before ascontiguousarray, which makes a 0-d scalar 1-d: {1} must not merge with [1]
     v = np.ascontiguousarray(t.values)
-    return (v.dtype.str, v.shape, hashlib.sha1(v.view(np.uint8).reshape(-1) if v.size else b"").hexdigest())
+    return (v.dtype.str, shape, hashlib.sha1(v.view(np.uint8).reshape(-1) if v.size else b"").hexdigest())
 
 
 def _attr_key(value) -> object:

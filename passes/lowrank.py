@@ -106,7 +106,7 @@ class LowRank(Pass):
         params: float | None = option(None, "global budget: fraction of the factorizable layers' parameters to "
                                             "remove (e.g. 0.3)")
         error: float | None = option(None, "global budget: root-sum-square of the layers' relative output "
-                                           "errors on the calibration data")
+                                           "errors on the calibration data (weight errors with method=svd)")
         multiple: int = option(8, "round ranks to a multiple of this (hardware-friendly widths)")
         method: str = option("auto", "auto (whiten with calibration data, else svd) | whiten | svd")
         timing: bool = option(True, "time dense vs factorized on onnxruntime CPU and keep the faster")

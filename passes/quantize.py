@@ -36,11 +36,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxopt.calibration import activation_histograms
+from onnxopt.calibration import activation_histograms, channel_means
 from onnxopt.graph import export_model, import_model, model_hash
 from onnxopt.kernels.metrics import sqnr_db
+from onnxopt.kernels.bias_correction import mean_output_shift
 from onnxopt.kernels.bias_guard import bias_safe_weight_scales
-from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, quantize, quantize_bias, quantize_weight_per_channel,
+from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequantize, quantize, quantize_bias, quantize_weight_per_channel,
                                    quantize_weight_per_tensor, scale_zero_point, u8s8_saturates)
 from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
@@ -89,6 +90,7 @@ class Quantize(Pass):
         ranges: list[str] = option([], "per-tensor range overrides 'tensor=min:max'")
         cache: bool = option(True, "cache calibration statistics on disk")
         check_latency: bool = option(True, "time the whole float and int8 models (cached) and back off while slower")
+        bias_correction: bool = option(True, "subtract the mean output shift of rounded weights from the bias")
         weight_only: bool = option(False, "layers kept float store int8 weights behind a DequantizeLinear "
                                           "(smaller, but dequantized every run)")
 
@@ -246,6 +248,22 @@ class _Work:
             return range_entropy(hist, symmetric=sym)
         return range_mse(hist, symmetric=sym)
 
+    def input_means(self, layers: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
+        """Per-channel means of each layer's input (channel axis 1 for Conv, last for Gemm/MatMul), by node."""
+        axes = {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in layers
+                if n.op_type in ("Conv", "Gemm", "MatMul")}
+        obs = channel_means(self.model, self.data, axes, cache=self.opts.cache, desc="quantize: input means")
+        found = {}
+        for n in layers:
+            o = obs.get(n.input[0])
+            m = None if o is None else o.mean
+            w = self.consts[n.input[1]]
+            need = w.shape[1] * int(_attr(n, "group", 1)) if n.op_type == "Conv" else \
+                w.shape[1] if n.op_type == "Gemm" and weight_axis(n) == 0 else w.shape[0]
+            if m is not None and m.shape == (need,):
+                found[n.name] = m
+        return found
+
     # ---- weights --------------------------------------------------------------------------------
     def quantize_layer(self, n: onnx.NodeProto, x: ActParams) -> LayerQuant | str:
         """Int8 weight (7-bit where u8s8 would saturate on a non-VNNI CPU) and int32 bias, or why not."""
@@ -264,8 +282,20 @@ class _Work:
             q, s, z = weights(True)
             notes.append("7-bit weights (u8s8 saturation without VNNI)")
         bq = bs = None
-        if len(n.input) > 2 and n.input[2]:
-            bias = self.consts[n.input[2]]
+        has_bias = len(n.input) > 2 and bool(n.input[2])
+        mean = self.means.get(n.name)
+        if has_bias or (mean is not None and n.op_type in ("Conv", "Gemm")):
+            def corrected(q, s):
+                """The float bias minus the mean output shift of the rounded weights (bias correction)."""
+                bias = self.consts[n.input[2]] if has_bias else np.zeros(w.shape[weight_axis(n)], np.float32)
+                if mean is None:
+                    return bias
+                kind = "conv" if n.op_type == "Conv" else "gemm_t" if weight_axis(n) == 0 else "matmul"
+                w_dq = dequantize(q, s, 0, axis=axis)
+                shift = mean_output_shift(w, w_dq, mean, kind, int(_attr(n, "group", 1)))
+                return (bias - shift).astype(np.float32)
+
+            bias = corrected(q, s)
             try:
                 bq, bs = quantize_bias(bias, x.scale, s)
             except BiasQuantizationError as exc:
@@ -274,6 +304,7 @@ class _Work:
                 q = np.clip(quantize(w, s, np.zeros(np.shape(s), np.int8), np.int8, axis=axis), -qmax, qmax
                             ).astype(np.int8)
                 notes.append(f"weight scales widened on {len(exc.channels)} channel(s) for an int32 bias")
+                bias = corrected(q, s)
                 try:
                     bq, bs = quantize_bias(bias, x.scale, s)
                 except BiasQuantizationError as exc2:
@@ -320,8 +351,6 @@ class _Work:
         Gemm/MatMul outputs only when every consumer is a quantized layer. With `weight_only`, the other
         candidate layers keep float compute but store int8 weights."""
         kept = {lq.node for lq in layers}
-        if weight_only and self.use_weight_only:
-            layers = layers + [lq for name, lq in self.wonly.items() if name not in kept]
         tensors: dict[str, ActParams] = {}
         for lq in layers:
             n = self.nodes[lq.node]
@@ -330,6 +359,8 @@ class _Work:
             users = self.consumers.get(out, [])
             if n.op_type in ("Conv", "ConvTranspose") or (users and all(u.name in kept for u in users)):
                 tensors[out] = acts[out]
+        if weight_only and self.use_weight_only:
+            layers = layers + [lq for name, lq in self.wonly.items() if name not in kept]
         return apply_qdq(self.model, tensors, layers)
 
     def output_sqnr(self, model: onnx.ModelProto) -> float:
@@ -396,6 +427,7 @@ class _Work:
         for n in self.model.graph.node:
             if n.op_type in MAC_OPS and (macs.get(n.name) or 0) <= 0:
                 macs[n.name] = node_macs(n, info) or 0
+        self.means = self.input_means(cands) if self.opts.bias_correction else {}
         layers: dict[str, LayerQuant] = {}
         for n in cands:
             row = self.rows.setdefault(n.name, {"node": n.name, "op": n.op_type, "macs": int(macs.get(n.name) or 0)})

@@ -32,7 +32,7 @@ def executors():
 
 def test_ray_map_order_errors_and_shared_objects(executors):
     ex = executors["ray"]
-    assert ex.workers == 2 and ex.threads_per_task == 1
+    assert ex.workers == 2
     assert ex.map(scale_tasks.square, range(10)) == [x * x for x in range(10)]
     with pytest.raises(ValueError, match="three"):
         ex.map(scale_tasks.fail_on_three, range(5))
