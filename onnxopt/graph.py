@@ -301,17 +301,19 @@ def graph_output_owner(graph: gs.Graph, tensor: gs.Tensor, owners: dict[int, gs.
     return output_owners(graph).get(id(tensor))
 
 
-def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor,
+                     owners: dict[int, gs.Graph] | None = None) -> None:
     """Make every consumer of `old` read `new` instead, subgraph consumers included.
 
     If `old` is a graph output it keeps its name (the model's signature): `old` is
     then detached from its producer and re-created by an Identity reading `new`.
+    Hot loops pass `owners` (from `output_owners`) to avoid a walk per call.
     """
     for consumer in list(old.outputs):
         for i, t in enumerate(consumer.inputs):
             if t is old:
                 consumer.inputs[i] = new
-    owner = graph_output_owner(graph, old)
+    owner = graph_output_owner(graph, old, owners)
     if owner is not None and new is not old:
         old.inputs.clear()
         owner.nodes.append(gs.Node("Identity", name=unique_name(graph, f"{old.name}_keep"), inputs=[new], outputs=[old]))

@@ -206,7 +206,7 @@ def _eliminate_common_subexpressions(graph: gs.Graph, counts: dict) -> int:
             if first is node:
                 continue
             for mine, theirs in zip(list(node.outputs), list(first.outputs)):
-                replace_all_uses(graph, mine, theirs)
+                replace_all_uses(graph, mine, theirs, owners)
             node.outputs.clear()
             node.inputs.clear()
             n += 1
@@ -355,7 +355,7 @@ def _remove_identities(graph: gs.Graph, counts: dict) -> int:
                 if not _hand_output_name_to_producer(graph, g, src, out, owners):
                     continue  # the output name must stay and nothing else can carry it
             else:
-                replace_all_uses(graph, out, src)
+                replace_all_uses(graph, out, src, owners)
             node.outputs.clear()
             node.inputs.clear()
             n += 1

@@ -144,7 +144,7 @@ def _bypass(graph: gs.Graph, node: gs.Node, replacement: gs.Tensor) -> None:
         k = next(i for i, t in enumerate(prod.outputs) if t is replacement)
         prod.outputs[k] = out
         return
-    replace_all_uses(graph, out, replacement)
+    replace_all_uses(graph, out, replacement, getattr(graph, "_onnxopt_owners", None))
     node.outputs.clear()
     node.inputs.clear()
 

@@ -276,3 +276,16 @@ def test_weight_only_option_stores_int8_weights_for_float_layers(monkeypatch):
         assert all(not r["int8"] and r.get("weight_only_int8", False) == weight_only for r in rows)
     x = _data(1, seed=5)[0]
     assert sqnr_db(make_session(_net()).run(None, x)[0], make_session(res.model).run(None, x)[0]) > 20
+
+
+def test_bias_correction_gives_bias_less_convs_an_int32_bias():
+    model = _net()
+    conv = model.graph.node[0]
+    del conv.input[2:]  # c1 = Conv(x, W1) without bias
+    res = _quantize(model, latency_aware=False, accuracy_aware=False, check_latency=False, bias_correction="true")
+    rows = {r["node"]: r for r in _pass_report(res)["details"]}
+    assert all(r["int8"] for r in rows.values())
+    q_conv = next(n for n in res.model.graph.node if n.op_type == "Conv")
+    assert len(q_conv.input) == 3 and q_conv.input[2].endswith("_b_dq")
+    x = _data(1, seed=3)[0]
+    assert sqnr_db(make_session(model).run(None, x)[0], make_session(res.model).run(None, x)[0]) > 20
