@@ -6,16 +6,18 @@ subprocess (so the driver's peak memory is its own), interleaved over `--runs`:
 - calibration: histograms of every Conv input and output of PP-OCR det over
   1,024 rendered pages at 320x320 (`fixtures.ocr_data.det_samples`, seed 0,
   written once as .npz to a temporary directory and read by path);
-- sensitivity: PP-OCRv4 rec, one trial per Conv/MatMul layer (int8 weights +
-  int8 input activation, ranges from a 32-sample calibration), output SQNR on
-  4 samples;
+- sensitivity: the quantize pass's accuracy analysis of PP-OCRv4 rec with the
+  executor in its settings (no timing decisions, no statistics cache): its
+  calibration on 32 rendered lines sharded on the workers, one trial per
+  quantizable layer (output SQNR on 4 samples) run there, then its serial
+  search for the layers to keep float under 35 dB;
 - optimize-many: `fold,fuse` over PP-OCR det/rec/cls and the 9 light models.
 
 Reported: wall time of the work (Ray's start-up separately), peak RSS of the
 driver, of the largest worker and of Ray's own daemons (VmHWM from /proc,
 sampled every 0.1 s over the driver's descendants), and whether the results
-equal the 1-process run (histograms bit for bit, SQNR values and decisions,
-model bytes). Latency is never measured on workers. Writes bench/results/scale.md.
+equal the 1-process run (histograms bit for bit; the pass's per-layer rows,
+decisions and model bytes; model bytes of the fleet). Latency is never measured on workers. Writes bench/results/scale.md.
 
     python bench/scale.py [--samples 1024] [--size 320] [--runs 1] [--only calibration,sensitivity,fleet]
 """
@@ -130,21 +132,19 @@ def child(workload: str, kind: str, workers: int, arg: str, result_path: str) ->
             obs = sharded_observe(model, arg, _mac_tensors(model), executor)
             result = {t: o.to_dict() for t, o in sorted(obs.items())}
         elif workload == "sensitivity":
+            import onnxopt
             from fixtures.ocr_data import rec_samples
-            from onnxopt.calibration import observe
-            from onnxopt.model_io import load_model
-            from onnxopt.sensitivity import keep_float, minmax_act_params, sensitivity, weight_trials
-            from onnxopt.sharded_calibration import ObserverFactory
 
-            model = load_model(model_path("rec"))
+            t_render = time.perf_counter()
             calib = [{"x": x} for x, _ in rec_samples(32, 0)]
-            t_setup = time.perf_counter()
-            acts = minmax_act_params(observe(model, calib, _mac_tensors(model, ("Conv", "MatMul", "Gemm")),
-                                             ObserverFactory()))
-            trials = weight_trials(model, acts)
-            t0 += time.perf_counter() - t_setup  # the (single-process) setup is the same on both sides
-            sens = sensitivity(model, calib[:4], trials, executor)
-            result = {"sqnr": sens, "keep_float_35db": keep_float(sens, 35.0)}
+            t0 += time.perf_counter() - t_render  # rendering the data is not the pass's work
+            res = onnxopt.optimize(model_path("rec"), pipeline="quantize{latency_aware=false,check_latency=false,"
+                                   "cache=false,sensitivity_samples=4,target_sqnr=35}", calibration=calib,
+                                   settings={"executor": executor})
+            rows = next(p for p in res.report["passes"] if p.get("name", p.get("pass")) == "quantize")["details"]
+            result = {"sqnr": {r["node"]: r["sensitivity_sqnr_db"] for r in rows if "sensitivity_sqnr_db" in r},
+                      "keep_float_35db": sorted(r["node"] for r in rows if not r["int8"]),
+                      "model_sha256": hashlib.sha256(res.model.SerializeToString()).hexdigest()}
         else:
             from onnxopt.fleet import load_manifest, optimize_many
 
@@ -231,8 +231,8 @@ def main() -> int:
     text = (f"# bench/scale: 1 process vs 2 Ray workers\n\n"
             f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Ray {ray.__version__}; "
             f"runs: {args.runs} (median, interleaved); calibration: {args.samples} PP-OCR det pages "
-            f"{args.size}x{args.size}, every Conv input/output, histograms; sensitivity: PP-OCRv4 rec, one "
-            f"trial per Conv/MatMul layer, 4 samples; fleet: fold,fuse on det/rec/cls + 9 light models.\n"
+            f"{args.size}x{args.size}, every Conv input/output, histograms; sensitivity: the quantize pass on "
+            f"PP-OCRv4 rec (32-sample calibration, one trial per layer on 4 samples, serial search); fleet: fold,fuse on det/rec/cls + 9 light models.\n"
             f"Every task runs onnxruntime with 2 threads (its results depend on the thread count), on 1 process or 2 Ray workers.\n\n"
             + table(header, rows) + "\n")
     print(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -82,7 +83,8 @@ def _stats_cache_path(model: onnx.ModelProto, data_key: str, max_bins: int) -> P
 
 def activation_histograms(model: onnx.ModelProto, data: Iterable[Sample], tensors: list[str],
                           max_bins: int = 2048, cache: bool = True, desc: str = "calibrating",
-                          shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, HistogramObserver]:
+                          shapes: dict[str, tuple[int, ...]] | None = None,
+                          executor: Any = None) -> dict[str, HistogramObserver]:
     """Exactly mergeable histograms (with exact min/max) of `tensors`, cached on disk.
 
     The cache key is the model's content hash and the data's fingerprint
@@ -92,6 +94,9 @@ def activation_histograms(model: onnx.ModelProto, data: Iterable[Sample], tensor
     tensor serves every range method (minmax, percentile, entropy, mse).
     `shapes`, if given, receives each tensor's shape on the first sample
     (for timing and MAC counts where static shape inference gives up).
+    With an `onnxopt.executor.Executor` of more than one worker, the samples are
+    observed in shards there and merged (`onnxopt.sharded_calibration`): the
+    same histograms and shapes, bit for bit.
     """
     samples, data_key = _data_key(data)
     path = _stats_cache_path(model, data_key, max_bins)
@@ -101,8 +106,15 @@ def activation_histograms(model: onnx.ModelProto, data: Iterable[Sample], tensor
     missing = [t for t in tensors if t not in result or t not in first_shapes]
     if missing:
         total = len(samples) if hasattr(samples, "__len__") else None
-        fresh = observe(model, samples, missing, lambda t: _ShapeRecorder(t, first_shapes, max_bins),
-                        desc=desc, total=total)
+        if executor is not None and executor.workers > 1:
+            from onnxopt.sharded_calibration import sharded_observe
+
+            fresh = sharded_observe(model, samples, missing, executor, _ShapeRecorders(max_bins), desc=desc)
+        else:
+            fresh = observe(model, samples, missing, _ShapeRecorders(max_bins), desc=desc, total=total)
+        for t, o in fresh.items():
+            if o.shape is not None:
+                first_shapes.setdefault(t, o.shape)
         result.update({t: o.hist for t, o in fresh.items()})
         if cache:
             stored.update({t: o.hist.to_dict() for t, o in fresh.items()})
@@ -162,11 +174,31 @@ def _write_cache(path: Path, stored: dict[str, Any]) -> None:
 
 
 class _ShapeRecorder:
-    """A histogram observer that also remembers the tensor's shape on its first sample."""
+    """A histogram observer that also remembers the tensor's shape on its first sample.
 
-    def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], max_bins: int):
-        self.name, self.shapes, self.hist = name, shapes, HistogramObserver(max_bins=max_bins)
+    Mergeable like the histogram: shards merged in order keep the first shard's shape."""
+
+    def __init__(self, max_bins: int):
+        self.shape: tuple[int, ...] | None = None
+        self.hist = HistogramObserver(max_bins=max_bins)
 
     def update(self, x: np.ndarray) -> None:
-        self.shapes.setdefault(self.name, tuple(int(d) for d in np.shape(x)))
+        if self.shape is None:
+            self.shape = tuple(int(d) for d in np.shape(x))
         self.hist.update(x)
+
+    def merge(self, other: "_ShapeRecorder") -> "_ShapeRecorder":
+        if self.shape is None:
+            self.shape = other.shape
+        self.hist.merge(other.hist)
+        return self
+
+
+@dataclass(frozen=True)
+class _ShapeRecorders:
+    """A picklable `make_observer` of `_ShapeRecorder`s (it reaches executor workers)."""
+
+    max_bins: int
+
+    def __call__(self, tensor: str) -> _ShapeRecorder:
+        return _ShapeRecorder(self.max_bins)

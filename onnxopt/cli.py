@@ -70,6 +70,9 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
     from onnxopt.validate import add_validation_options
 
     add_validation_options(p, prefix="validate-")
+    from onnxopt.executor import add_executor_arguments
+
+    add_executor_arguments(p)  # where quantize's calibration shards and sensitivity trials run
     p.set_defaults(func=_cmd_optimize)
 
 
@@ -91,9 +94,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         from onnxopt.validate import parse_eps
 
         eps = parse_eps(args.validate)
-    result = optimize(src, pipeline=args.pipeline, calibration=args.calib, check=args.check,
-                      input_shapes=parse_input_shapes(args.input_shape), dump_dir=args.dump_dir,
-                      verify_each=args.verify_each)
+    from onnxopt.executor import executor_from_args
+
+    with executor_from_args(args) as executor:
+        result = optimize(src, pipeline=args.pipeline, calibration=args.calib, check=args.check,
+                          input_shapes=parse_input_shapes(args.input_shape), dump_dir=args.dump_dir,
+                          verify_each=args.verify_each, settings={"executor": executor})
     check = result.report.get("check")
     if check is not None and not check["ok"]:
         if args.report:

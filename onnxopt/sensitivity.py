@@ -1,5 +1,10 @@
 """Per-layer sensitivity trials through an executor: quantize one layer, measure the model's output SQNR.
 
+The quantize pass decides what a trial is (`passes/quantize.py`: its weights,
+biases and Q/DQ placement) and what to do with the results (its serial search
+for the layers to keep float); this module only runs the trials and scores
+them, so a trial scores the same in the pass, in the tests and in the bench.
+
 A trial is what differs from the float model (the QDQ activations and int8
 layers of `onnxopt.qdq`), so a task carries a few weights, never a model: the
 float model, the samples and the float reference outputs are shared once
@@ -16,11 +21,8 @@ import onnx
 
 from onnxopt.data import Sample
 from onnxopt.executor import Executor, LocalExecutor, Shared
-from onnxopt.graph import constant_value, import_model, is_constant
 from onnxopt.kernels.metrics import sqnr_db
-from onnxopt.kernels.quant import quantize_weight_per_channel, quantize_weight_per_tensor, scale_zero_point
-from onnxopt.kernels.ranges import range_minmax
-from onnxopt.qdq import MAC_OPS, ActParams, LayerQuant, apply_qdq, weight_axis
+from onnxopt.qdq import ActParams, LayerQuant, apply_qdq
 from onnxopt.runtime import make_session
 
 #: SQNR above this is "identical" (keeps means finite when a trial changes nothing).
@@ -76,41 +78,3 @@ def sensitivity(model: onnx.ModelProto, samples: Sequence[Sample], trials: Seque
     tasks = [_Task(base, t, threads) for t in trials]
     values = executor.map(_run_trial, tasks, desc="sensitivity", unit="layer")
     return {t.name: v for t, v in zip(trials, values)}
-
-
-def minmax_act_params(observers: dict, dtype: str = "uint8") -> dict[str, ActParams]:
-    """Asymmetric activation scale/zero point from each observer's exact min/max (a simple, exact baseline)."""
-    return {t: ActParams(*scale_zero_point(*range_minmax(o), dtype)) for t, o in observers.items()}
-
-
-def weight_trials(model: onnx.ModelProto, acts: dict[str, ActParams] | None = None,
-                  per_channel: bool | None = None) -> list[Trial]:
-    """One trial per MAC layer with a constant weight: its weight in int8 (symmetric; per output channel
-    when the opset allows it) and, where `acts` has it, its input activation through Q/DQ. Biases stay float.
-    Unnamed nodes are skipped (a trial names its layer)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if per_channel is None:
-        per_channel = opset >= 13
-    by_name = {n.name: n for n in model.graph.node}
-    trials = []
-    for node in import_model(model).nodes:
-        if node.op not in MAC_OPS or not node.name or len(node.inputs) < 2 or not is_constant(node.inputs[1]):
-            continue
-        w = np.asarray(constant_value(node.inputs[1]))
-        if w.dtype != np.float32 or w.ndim < 2:
-            continue
-        axis = weight_axis(by_name[node.name]) if per_channel else None
-        if axis is None:
-            q, s, z = quantize_weight_per_tensor(w)
-        else:
-            q, s, z = quantize_weight_per_channel(w, axis)
-        layer = LayerQuant(node.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis)
-        x = node.inputs[0].name
-        trial_acts = {x: acts[x]} if acts and x in acts else {}
-        trials.append(Trial(node.name, trial_acts, [layer]))
-    return trials
-
-
-def keep_float(sqnr: dict[str, float], target_db: float) -> list[str]:
-    """The layer decisions of a sensitivity analysis: layers whose trial falls below `target_db`, worst first."""
-    return sorted((k for k, v in sqnr.items() if v < target_db), key=lambda k: (sqnr[k], k))

@@ -53,7 +53,7 @@ from onnxopt.registry import register_pass
 from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivity
 from onnxopt.shapes import TensorInfo, infer_tensor_info
 from onnxopt.stats import model_stats, node_macs
-from onnxopt.timing import TimingCache, median_latencies
+from onnxopt.timing import TimingCache
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -227,7 +227,7 @@ class _Work:
             source[n.input[0]] = t
         tensors = sorted({n.output[0] for n in layers} | set(source.values()) | set(source))
         hists = activation_histograms(self.model, self.data, tensors, cache=self.opts.cache,
-                                      desc="quantize: calibrating", shapes=self.shapes)
+                                      desc="quantize: calibrating", shapes=self.shapes, executor=self.executor)
         overrides = {}
         for text in self.opts.ranges:
             name, _, rng = text.partition("=")

@@ -1,8 +1,10 @@
-"""Helpers of the executor tests: module-level tasks (pickled by reference into worker processes), a tiny model."""
+"""Helpers of the executor tests: module-level tasks (pickled by reference into worker processes), a tiny model,
+and the quantize pass's sensitivity analysis run on a given executor."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -67,3 +69,28 @@ def tiny_samples(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Seeded inputs of the tiny model with varied scales."""
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32) * (1 + i % 3)} for i in range(n)]
+
+
+def quantize_sensitivity(model: onnx.ModelProto, samples: list, executor: Any, target_sqnr: float
+                         ) -> tuple[dict[str, float], list[tuple], bytes]:
+    """The quantize pass (no timing, no statistics cache) with `executor` in its settings: the per-layer SQNRs
+    exactly as its sensitivity trials returned them, its layer decisions (node, int8, why) and the model's bytes."""
+    import onnxopt
+    from onnxopt.passes import quantize
+
+    real, seen = quantize.sensitivity, []
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, float]:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    quantize.sensitivity = spy
+    try:
+        res = onnxopt.optimize(model, pipeline=f"quantize{{latency_aware=false,check_latency=false,cache=false,"
+                                               f"sensitivity_samples=4,target_sqnr={target_sqnr}}}",
+                               calibration=samples, settings={"executor": executor})
+    finally:
+        quantize.sensitivity = real
+    rows = next(p for p in res.report["passes"] if p.get("name", p.get("pass")) == "quantize")["details"]
+    assert len(seen) == 1
+    return seen[0], [(r["node"], r["int8"], r["why"]) for r in rows], res.model.SerializeToString()

@@ -11,7 +11,6 @@ import pytest
 from onnxopt.calibration import observe
 from onnxopt.errors import UserError
 from onnxopt.executor import LocalExecutor, add_executor_arguments, executor_from_args, make_executor
-from onnxopt.sensitivity import keep_float, minmax_act_params, sensitivity, weight_trials
 from onnxopt.sharded_calibration import ObserverFactory, shard_bounds, sharded_observe
 
 from tests import scale_tasks
@@ -76,16 +75,34 @@ def test_calibration_shards_are_bit_identical(pool, tmp_path):
         assert all(got[t] == ref[t] for t in tensors), name
 
 
-def test_sensitivity_same_layers_in_process_and_pool(pool):
+def test_quantize_sensitivity_same_layers_in_process_and_pool(pool, tmp_path, monkeypatch):
+    """The quantize pass's own trials (and its calibration, sharded on the pool) give the same SQNRs, layer
+    decisions and model bytes in process and on 2 processes."""
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
     model, samples = tiny_model(), tiny_samples(6)
-    acts = minmax_act_params(sharded_observe(model, samples, ["x", "r1", "f"], pool))
-    trials = weight_trials(model, acts)
-    assert [t.name for t in trials] == ["Conv_0", "Conv_2", "Gemm_6"]
-    one = sensitivity(model, samples, trials, LocalExecutor(1))
-    two = sensitivity(model, samples, trials, pool)
+    one = scale_tasks.quantize_sensitivity(model, samples, LocalExecutor(1), target_sqnr=45.0)
+    two = scale_tasks.quantize_sensitivity(model, samples, pool, target_sqnr=45.0)
     assert one == two
-    assert all(20 < v < 200 for v in one.values())
-    assert keep_float(one, 60.0) == keep_float(two, 60.0)
+    sens, decisions, _ = one
+    assert sorted(sens) == ["Conv_0", "Conv_2", "Gemm_6"] and all(20 < v < 200 for v in sens.values())
+    assert any(not int8 for _, int8, _ in decisions) and any(int8 for _, int8, _ in decisions)
+
+
+def test_optimize_command_runs_quantize_on_the_chosen_executor(tmp_path, monkeypatch):
+    """`onnxopt optimize --workers 2`: quantize's calibration and trials on 2 processes, the same bytes."""
+    import onnx
+
+    from onnxopt.cli import main
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
+    onnx.save(tiny_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([s["x"] for s in tiny_samples(6)]))
+    args = ["optimize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--quiet", "-p",
+            "quantize{latency_aware=false,check_latency=false,cache=false,sensitivity_samples=4,target_sqnr=45}"]
+    assert main(args + ["-o", str(tmp_path / "one.onnx")]) == 0
+    assert main(args + ["-o", str(tmp_path / "two.onnx"), "--workers", "2"]) == 0
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "two.onnx").read_bytes()
+    assert main(args + ["-o", str(tmp_path / "x.onnx"), "--ray-address", "auto"]) == 2
 
 
 def _args(*argv: str) -> argparse.Namespace:

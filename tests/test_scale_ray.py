@@ -11,7 +11,6 @@ from onnxopt.data import CalibrationData, seeded_inputs  # noqa: E402
 from onnxopt.executor import LocalExecutor, RayExecutor, ray_init_local  # noqa: E402
 from onnxopt.kernels.ranges import range_minmax, range_percentile  # noqa: E402
 from onnxopt.model_io import load_model  # noqa: E402
-from onnxopt.sensitivity import keep_float, minmax_act_params, sensitivity, weight_trials  # noqa: E402
 from onnxopt.sharded_calibration import sharded_observe  # noqa: E402
 
 from tests import scale_tasks  # noqa: E402
@@ -48,8 +47,10 @@ def test_ray_retries_a_killed_worker(executors, tmp_path):
     assert got == [0, 10, 20, 30]
 
 
-def test_calibration_and_sensitivity_identical_on_every_executor(executors):
-    """PP-OCR's classifier: histograms bit-identical, so every range, every trial's SQNR and every decision."""
+def test_calibration_and_sensitivity_identical_on_every_executor(executors, tmp_path, monkeypatch):
+    """PP-OCR's classifier: histograms bit-identical, so every range; the quantize pass (its calibration sharded
+    on the executor, its per-layer trials run there): every trial's SQNR, every decision, the model's bytes."""
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
     model = load_model(real_model("cls"))
     data = CalibrationData(seeded_inputs(model, 12, seed=0, input_shapes={"x": (1, 3, 48, 192)}), model)
     mac_inputs = sorted({n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")})
@@ -60,12 +61,11 @@ def test_calibration_and_sensitivity_identical_on_every_executor(executors):
         assert [range_percentile(got[t], 99.99) for t in mac_inputs] == \
             [range_percentile(ref[t], 99.99) for t in mac_inputs]
         assert [range_minmax(got[t]) for t in mac_inputs] == [range_minmax(ref[t]) for t in mac_inputs]
-    trials = weight_trials(model, minmax_act_params(ref))[:10]
-    samples = list(data)[:4]
-    sens = {name: sensitivity(model, samples, trials, ex) for name, ex in executors.items()}
-    assert sens["local-2"] == sens["local-1"] and sens["ray"] == sens["local-1"]
-    decisions = {name: keep_float(s, 40.0) for name, s in sens.items()}
-    assert decisions["ray"] == decisions["local-2"] == decisions["local-1"]
+    runs = {name: scale_tasks.quantize_sensitivity(model, data, ex, target_sqnr=40.0)
+            for name, ex in executors.items()}
+    assert runs["local-2"] == runs["local-1"] and runs["ray"] == runs["local-1"]
+    decisions = runs["local-1"][1]
+    assert any(not int8 for _, int8, _ in decisions) and any(int8 for _, int8, _ in decisions)
 
 
 def test_optimize_many_on_ray_matches_local(executors, tmp_path):
