@@ -77,7 +77,7 @@ def observe(model: onnx.ModelProto, samples: Iterable[Sample], tensors: list[str
 
 def _stats_cache_path(model: onnx.ModelProto, data_key: str, max_bins: int) -> Path:
     """Where the statistics of `model` on data `data_key` are cached (by content hashes)."""
-    from onnxopt.timing import cache_dir
+    from onnxopt.paths import cache_dir
     return cache_dir() / f"calib-{model_hash(model)[:16]}-{data_key}-b{max_bins}.json"
 
 

@@ -256,9 +256,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _save_reproducer(argv: list[str], exc: BaseException) -> Path:
     """Write the command line, traceback and input model of a crash into a new directory."""
-    from onnxopt.timing import cache_dir
+    from onnxopt.paths import home
 
-    d = cache_dir() / "crashes" / time.strftime("%Y%m%d-%H%M%S")
+    d = home() / "crashes" / time.strftime("%Y%m%d-%H%M%S")
     d.mkdir(parents=True, exist_ok=True)
     (d / "command.json").write_text(json.dumps({"argv": argv, "cwd": os.getcwd()}, indent=2))
     (d / "traceback.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))

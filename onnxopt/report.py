@@ -47,9 +47,18 @@ def summary_table(before: dict, after: dict) -> str:
          _ratio(before["parameters"], after["parameters"])],
         ["weight bytes", human_bytes(before["weight_bytes"]), human_bytes(after["weight_bytes"]),
          _ratio(before["weight_bytes"], after["weight_bytes"])],
-        ["MACs", human_count(before["macs"]), human_count(after["macs"]), _ratio(before["macs"], after["macs"])],
+        ["MACs", _macs(before), _macs(after), _ratio(before["macs"], after["macs"])],
     ]
-    return table(["", "before", "after", "ratio"], rows)
+    note = ""
+    if before.get("macs_uncounted") or after.get("macs_uncounted"):
+        note = ("\n* MACs of Conv/Gemm/MatMul nodes whose shapes cannot be inferred are not counted "
+                "(shapes computed at run time; folding usually makes them known)")
+    return table(["", "before", "after", "ratio"], rows) + note
+
+
+def _macs(stats: dict) -> str:
+    n = stats.get("macs_uncounted", 0)
+    return human_count(stats["macs"]) + (f" (+{n} nodes uncounted*)" if n else "")
 
 
 def passes_table(records: list[dict]) -> str:

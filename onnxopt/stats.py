@@ -27,6 +27,8 @@ class ModelStats:
     weight_bytes: int
     macs: int
     macs_by_node: dict[str, int] = field(default_factory=dict)
+    #: Conv/Gemm/MatMul nodes whose MACs could not be counted (shapes not inferable, e.g. before folding).
+    macs_uncounted: int = 0
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -127,6 +129,7 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                         nbytes += b
     shapes = concrete_input_shapes(model, input_shapes)
     macs_by_node: dict[str, int] = {}
+    uncounted = 0
     if any(op in ops for op in MAC_OPS):
         info = infer_tensor_info(model, shapes)
         for k, node in enumerate(g.node):
@@ -134,8 +137,11 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 m = node_macs(node, info)
                 if m is not None:
                     macs_by_node[node.name or f"{node.op_type}_{k}"] = int(m)
+                else:
+                    uncounted += 1
     if weights_from is not None:
         real = {t.name for t in weights_from.inputs}
         shapes = {k: v for k, v in shapes.items() if k in real}
     return ModelStats(nodes=len(g.node), ops=dict(sorted(ops.items())), parameters=params, weight_bytes=nbytes,
-                      macs=sum(macs_by_node.values()), macs_by_node=macs_by_node, input_shapes=shapes)
+                      macs=sum(macs_by_node.values()), macs_by_node=macs_by_node, macs_uncounted=uncounted,
+                      input_shapes=shapes)

@@ -18,12 +18,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxopt.paths import cache_dir
 from onnxopt.runtime import make_session
-
-
-def cache_dir() -> Path:
-    """Where cached timings live: $ONNXOPT_CACHE or ~/.cache/onnxopt."""
-    return Path(os.environ.get("ONNXOPT_CACHE", Path.home() / ".cache" / "onnxopt"))
 
 
 def median_latencies(models: list[onnx.ModelProto | str], feeds: dict[str, np.ndarray], runs: int = 20,

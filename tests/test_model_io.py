@@ -1,7 +1,6 @@
 """Model I/O: signature and metadata preserved, external data, atomic saves."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx

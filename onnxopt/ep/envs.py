@@ -21,6 +21,7 @@ from pathlib import Path
 
 from onnxopt.ep import EP_PROVIDERS, provider_name
 from onnxopt.errors import UserError
+from onnxopt.paths import home
 
 EP_PACKAGES: dict[str, list[str]] = {
     "openvino": ["onnxruntime-openvino", "numpy"],
@@ -49,11 +50,6 @@ class EpInterpreter:
     reason: str = ""
     ort_version: str = ""
     providers: list[str] = field(default_factory=list)
-
-
-def home() -> Path:
-    """The tool's cache directory: `$ONNXOPT_HOME` or `~/.cache/onnxopt`."""
-    return Path(os.environ.get("ONNXOPT_HOME") or Path.home() / ".cache" / "onnxopt")
 
 
 def env_dir(ep: str) -> Path:
