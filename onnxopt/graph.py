@@ -261,6 +261,16 @@ def is_constant(tensor: gs.Tensor) -> bool:
     return p is not None and p.op == "Constant" and "value" in p.attrs and not p.inputs
 
 
+def constant_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """Shape of a constant tensor (see `is_constant`) from metadata, without loading its values."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape)
+    p = producer(tensor)
+    if p is not None and p.op == "Constant" and isinstance(p.attrs.get("value"), gs.Constant):
+        return tuple(p.attrs["value"].shape)
+    return None
+
+
 def constant_value(tensor: gs.Tensor):
     """Numpy value of a constant tensor (see `is_constant`), else None."""
     if isinstance(tensor, gs.Constant):

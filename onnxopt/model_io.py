@@ -47,11 +47,22 @@ def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.Mode
         except Exception as exc:  # truncated or unreadable data file
             raise UserError(f"{p}: cannot read external data ({exc})") from None
     try:
-        onnx.checker.check_model(model if fits_in_protobuf(model) else str(p))
+        onnx.checker.check_model(structure_only(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise UserError(f"{p}: not a valid ONNX model: {first}") from None
     return model
+
+
+def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers as typed inputs: what `onnx.checker` needs, no weight copy.
+
+    The checker serializes the model and parses it again in C++; on the full model
+    that would hold the weights two more times (and fail above 2 GB).
+    """
+    from onnxopt.shapes import light_copy
+
+    return light_copy(model)
 
 
 def _external_tensors(model: onnx.ModelProto):

@@ -51,6 +51,9 @@ def _unknown() -> Sym:
 
 
 def _const_value(t: gs.Tensor) -> ShapeValue | None:
+    if isinstance(t, gs.Constant) and (np.dtype(t.dtype).kind not in "iu" or len(t.shape) > 1
+                                       or int(np.prod(t.shape)) > _MAX_LEN):
+        return None  # decided from metadata: a weight is never loaded just to be rejected
     v = constant_value(t)
     if v is None or v.dtype.kind not in "iu" or v.ndim > 1 or v.size > _MAX_LEN:
         return None

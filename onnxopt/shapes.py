@@ -51,7 +51,7 @@ def _dims(tt) -> tuple[Dim, ...] | None:
     return tuple(out)
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model without its large initializers, which become typed inputs.
 
     Built field by field so the large weights are never copied (models over 2 GB included).
@@ -83,7 +83,7 @@ def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
     `input_shapes` pins graph inputs to concrete shapes (e.g. to count MACs).
     Inference failures leave the affected tensors unknown rather than raising.
     """
-    light = _light_copy(model)
+    light = light_copy(model)
     if input_shapes:
         for inp in light.graph.input:
             if inp.name in input_shapes:

@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import (cleanup, constant_value, export_structure, iter_graphs,
                            output_owners, replace_all_uses, subgraphs_of, toposort, unique_name)
@@ -160,9 +161,12 @@ class FoldConstants(Pass):
 
 
 def _constant_key(t: gs.Constant) -> tuple:
-    shape = np.shape(t.values)  # before ascontiguousarray, which makes a 0-d scalar 1-d: {1} must not merge with [1]
+    """Content key of a constant; weights still in their TensorProto are hashed there, never copied to numpy."""
+    lazy = t._values
+    if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
+        return (np.dtype(lazy.dtype).str, tuple(lazy.shape), hashlib.sha1(lazy.tensor.raw_data).hexdigest())
     v = np.ascontiguousarray(t.values)
-    return (v.dtype.str, shape, hashlib.sha1(v.view(np.uint8).reshape(-1) if v.size else b"").hexdigest())
+    return (v.dtype.str, v.shape, hashlib.sha1(v.view(np.uint8).reshape(-1) if v.size else b"").hexdigest())
 
 
 def _attr_key(value) -> object:

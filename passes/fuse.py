@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import cleanup, constant_value, output_owners, replace_all_uses, unique_name
+from onnxopt.graph import cleanup, constant_shape, constant_value, is_constant, output_owners, replace_all_uses, unique_name
 from onnxopt.kernels.fusion import affine_bias, bn_affine, per_channel, scale_output_channels
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
@@ -83,9 +83,9 @@ def _weighted_producer(graph: gs.Graph, t: gs.Tensor) -> gs.Node | None:
     if not t.inputs or _sole_consumer(graph, t) is None:
         return None
     p = t.inputs[0]
-    if p.op not in WEIGHTED or len(p.outputs) != 1 or constant_value(p.inputs[1]) is None:
+    if p.op not in WEIGHTED or len(p.outputs) != 1 or not is_constant(p.inputs[1]):
         return None
-    if len(p.inputs) > 2 and p.inputs[2].name and constant_value(p.inputs[2]) is None:
+    if len(p.inputs) > 2 and p.inputs[2].name and not is_constant(p.inputs[2]):
         return None
     if p.op == "Gemm" and p.attrs.get("transA", 0) not in (0, 1):
         return None
@@ -160,7 +160,7 @@ def _split_shared_producer(graph: gs.Graph, bn: gs.Node) -> None:
     if not all(c.op == "BatchNormalization" for c in t.outputs):
         return
     p = t.inputs[0]
-    if p.op not in WEIGHTED or len(p.outputs) != 1 or constant_value(p.inputs[1]) is None:
+    if p.op not in WEIGHTED or len(p.outputs) != 1 or not is_constant(p.inputs[1]):
         return
     out = gs.Variable(unique_name(graph, f"{t.name}_{bn.name}"), dtype=t.dtype, shape=t.shape)
     graph.nodes.append(gs.Node(p.op, name=unique_name(graph, f"{p.name}_{bn.name}"), attrs=dict(p.attrs),
@@ -186,9 +186,11 @@ def _const_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
     """(dynamic operand, constant value) of a binary Mul/Add with one constant float input."""
     if len(node.inputs) != 2:
         return None
-    v0, v1 = constant_value(node.inputs[0]), constant_value(node.inputs[1])
-    if (v0 is None) == (v1 is None):
+    c0, c1 = is_constant(node.inputs[0]), is_constant(node.inputs[1])
+    if c0 == c1:
         return None
+    v0 = constant_value(node.inputs[0]) if c0 else None
+    v1 = constant_value(node.inputs[1]) if c1 else None
     x, v = (node.inputs[1], v0) if v0 is not None else (node.inputs[0], v1)
     if v.dtype.kind != "f":
         return None
@@ -279,9 +281,9 @@ def _merge_chain(graph: gs.Graph, node: gs.Node) -> bool:
 
 def _matmul_add_to_gemm(graph: gs.Graph, mm: gs.Node, shapes: dict) -> bool:
     """MatMul(x [M, K], W [K, N]) followed by Add(bias [N] or [1, N]) becomes one Gemm."""
-    w = constant_value(mm.inputs[1])
+    w_shape = constant_shape(mm.inputs[1])
     info = shapes.get(mm.inputs[0].name)
-    if w is None or w.ndim != 2 or info is None or info.shape is None or len(info.shape) != 2:
+    if w_shape is None or len(w_shape) != 2 or info is None or info.shape is None or len(info.shape) != 2:
         return False
     add = _sole_consumer(graph, mm.outputs[0])
     if add is None or add.op != "Add":
@@ -290,10 +292,10 @@ def _matmul_add_to_gemm(graph: gs.Graph, mm: gs.Node, shapes: dict) -> bool:
     if found is None or found[0] is not mm.outputs[0]:
         return False
     bias = found[1]
-    n = w.shape[1]
+    n = w_shape[1]
     if not (bias.shape in ((n,), (1, n)) or bias.size == 1):
         return False
-    bias_vec = np.broadcast_to(bias.reshape(-1), (n,)).astype(w.dtype)
+    bias_vec = np.broadcast_to(bias.reshape(-1), (n,)).astype(bias.dtype)
     x, w_t, out = mm.inputs[0], mm.inputs[1], add.outputs[0]
     c = gs.Constant(unique_name(graph, f"{add.name or 'bias'}_C"), bias_vec)
     for n in (add, mm):

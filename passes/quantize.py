@@ -103,6 +103,12 @@ class Quantize(Pass):
             from onnxopt.errors import UserError
             raise UserError(f"pass 'quantize': method must be one of {', '.join(METHODS)}, got '{opts.method}'")
         data = ctx.require_calibration(self.name)
+        weight_bytes = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+                           for t in graph.tensors().values() if isinstance(t, gs.Constant))
+        if weight_bytes >= 2**31 - 2**26:
+            return PassResult(changed=False, stats={"int8_layers": 0}, skipped=[{
+                "node": "(model)", "op": "-", "reason": "model over 2 GB: calibration and per-layer timing run the "
+                "model in onnxruntime from one protobuf, which is limited to 2 GB; left float"}])
         model = export_model(graph)
         notes: list[str] = []
         per_channel = opts.per_channel
