@@ -11,15 +11,19 @@ subprocess (so the driver's peak memory is its own), interleaved over `--runs`:
   calibration on 32 rendered lines sharded on the workers, one trial per
   quantizable layer (output SQNR on 4 samples) run there, then its serial
   search for the layers to keep float under 35 dB;
-- optimize-many: `fold,fuse` over PP-OCR det/rec/cls and the 9 light models.
+- optimize-many: `fold,fuse` over PP-OCR det/rec/cls and the 9 light models;
+- validation: PP-OCRv4 rec against its `fold,fuse` result on 64 rendered lines
+  (`rec_samples`, seed 1) on cpu (+openvino when its environment is set up),
+  the accuracy runs sharded on the workers, latency on the driver.
 
 Reported: wall time of the work (Ray's start-up separately), peak RSS of the
 driver, of the largest worker and of Ray's own daemons (VmHWM from /proc,
 sampled every 0.1 s over the driver's descendants), and whether the results
 equal the 1-process run (histograms bit for bit; the pass's per-layer rows,
-decisions and model bytes; model bytes of the fleet). Latency is never measured on workers. Writes bench/results/scale.md.
+decisions and model bytes; model bytes of the fleet; validation's per-output metrics and verdict). Latency is never measured on workers. Writes bench/results/scale.md.
 
-    python bench/scale.py [--samples 1024] [--size 320] [--runs 1] [--only calibration,sensitivity,fleet]
+    python bench/scale.py [--samples 1024] [--size 320] [--runs 1] [--val-samples 64]
+                          [--only calibration,sensitivity,fleet,validation]
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from fixtures.fetch_models import model_path  # noqa: E402
 
-WORKLOADS = ("calibration", "sensitivity", "fleet")
+WORKLOADS = ("calibration", "sensitivity", "fleet", "validation")
 CONFIGS = (("1 process", "local", 1), ("2 Ray workers", "ray", 2))
 LIGHT = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
          "vgg19", "zfnet512")
@@ -144,6 +148,9 @@ def child(workload: str, kind: str, workers: int, arg: str, result_path: str) ->
             result = {"sqnr": {r["node"]: r["sensitivity_sqnr_db"] for r in rows if "sensitivity_sqnr_db" in r},
                       "keep_float_35db": sorted(r["node"] for r in rows if not r["int8"]),
                       "model_sha256": hashlib.sha256(res.model.SerializeToString()).hexdigest()}
+        elif workload == "validation":
+            result, prep = _validation(executor, int(arg))
+            t0 += prep  # optimizing rec and rendering the lines is not validation's work
         else:
             from onnxopt.fleet import load_manifest, optimize_many
 
@@ -154,6 +161,27 @@ def child(workload: str, kind: str, workers: int, arg: str, result_path: str) ->
         executor.close()
     Path(result_path).write_bytes(pickle.dumps({"startup_s": startup, "work_s": work, **mem.summary(),
                                                 "result": result}))
+
+
+def _validation(executor, n: int) -> tuple[dict, float]:
+    """Validate rec's fold,fuse result on `n` rendered lines: (per-output metrics, statuses and verdict;
+    seconds spent preparing the candidate and the data)."""
+    import dataclasses
+
+    import onnxopt
+    from fixtures.ocr_data import rec_samples
+    from onnxopt.ep.envs import resolve_interpreter
+    from onnxopt.validate import validate
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-bench-validate-") as tmp:
+        t0 = time.perf_counter()
+        cand = onnxopt.optimize(model_path("rec"), pipeline="fold,fuse").save(Path(tmp) / "rec.opt.onnx")
+        data = [{"x": x} for x, _ in rec_samples(n, 1)]
+        eps = ["cpu"] + (["openvino"] if resolve_interpreter("openvino").available else [])
+        prep = time.perf_counter() - t0
+        rep = validate(model_path("rec"), cand, eps, data=data, samples=n, runs=5, warmup=2, executor=executor)
+    return {"passed": rep.passed, "pass": [dataclasses.asdict(c) for c in rep.pass_checks],
+            "eps": [(e.ep, e.status, [dataclasses.asdict(c) for c in e.checks]) for e in rep.eps]}, prep
 
 
 def run_child(workload: str, kind: str, workers: int, arg: str) -> dict:
@@ -181,6 +209,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--val-samples", type=int, default=64, help="rendered rec lines of the validation workload")
     ap.add_argument("--only", default=",".join(WORKLOADS))
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,6 +229,8 @@ def main() -> int:
                 for name, kind, workers in CONFIGS:  # interleaved
                     if workload == "calibration":
                         arg = str(det_calibration_dir(args.samples, args.size))
+                    elif workload == "validation":
+                        arg = str(args.val_samples)
                     elif workload == "fleet":
                         arg = str(write_manifest(Path(tmp) / f"{kind}-{run}.toml", Path(tmp) / f"{kind}-{run}"))
                     else:
@@ -231,7 +262,8 @@ def main() -> int:
             f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Ray {ray.__version__}; "
             f"runs: {args.runs} (median, interleaved); calibration: {args.samples} PP-OCR det pages "
             f"{args.size}x{args.size}, every Conv input/output, histograms; sensitivity: the quantize pass on "
-            f"PP-OCRv4 rec (32-sample calibration, one trial per layer on 4 samples, serial search); fleet: fold,fuse on det/rec/cls + 9 light models.\n"
+            f"PP-OCRv4 rec (32-sample calibration, one trial per layer on 4 samples, serial search); fleet: fold,fuse on det/rec/cls + 9 light models; validation: rec vs its fold,fuse result on "
+            f"{args.val_samples} rendered lines, cpu(+openvino), accuracy on the workers, latency on the driver.\n"
             f"Every task runs onnxruntime with 2 threads (its results depend on the thread count), on 1 process or 2 Ray workers.\n\n"
             + table(header, rows) + "\n")
     print(text)

@@ -44,12 +44,12 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     """
     t0 = time.perf_counter()
     source = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else None
+    passes = build_pipeline(pipeline)
     if source is not None:
         original = load_model(model_or_path)
     else:
         original = onnx.ModelProto()
         original.CopyFrom(model_or_path)
-    passes = build_pipeline(pipeline)
     calib = CalibrationData(calibration, original) if calibration is not None else None
     for p in passes:
         if p.needs_data and calib is None:
@@ -57,9 +57,10 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     ctx = PassContext(calib, {"input_shapes": input_shapes, "source_path": source, **(settings or {})})
     before = model_stats(original, input_shapes)
     pm = PassManager(passes, ctx, dump_dir=dump_dir, verify_each=verify_each)
-    model = pm.run_model(original)
-    if not check:
-        del original  # the result is a new proto; holding both would double peak memory on big models
+    # `original` is ours (loaded or copied): the result is written into it, so untouched
+    # weights are never held twice; the check reads the reference again
+    model = pm.run_model(original, consume=True)
+    del original
     after = model_stats(model, input_shapes)
     report: dict[str, Any] = {
         "input": source,
@@ -72,7 +73,8 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     if check:
         tol = loosest([p.tolerance for p in passes])
         samples = list(calib)[:check] if calib is not None else None
-        report["check"] = check_models(original, model, check, tol, samples, input_shapes).to_dict()
+        reference = load_model(source) if source is not None else model_or_path
+        report["check"] = check_models(reference, model, check, tol, samples, input_shapes).to_dict()
     return Result(model, report)
 
 

@@ -72,7 +72,7 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
     add_validation_options(p, prefix="validate-")
     from onnxopt.executor import add_executor_arguments
 
-    add_executor_arguments(p)  # where quantize's calibration shards and sensitivity trials run
+    add_executor_arguments(p)  # where quantize's calibration/sensitivity and --validate's accuracy shards run
     p.set_defaults(func=_cmd_optimize)
 
 
@@ -100,28 +100,29 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         result = optimize(src, pipeline=args.pipeline, calibration=args.calib, check=args.check,
                           input_shapes=parse_input_shapes(args.input_shape), dump_dir=args.dump_dir,
                           verify_each=args.verify_each, settings={"executor": executor})
-    check = result.report.get("check")
-    if check is not None and not check["ok"]:
+        check = result.report.get("check")
+        if check is not None and not check["ok"]:
+            if args.report:
+                write_json(result.report, args.report)
+            print(format_report(result.report), file=sys.stderr)
+            print(f"check failed: {check['message']} (nothing written to {args.output})", file=sys.stderr)
+            return EXIT_CHECK
+        result.save(args.output, external_data=args.external_data or None)
+        code = EXIT_OK
+        if eps:
+            from onnxopt.validate import finish, validate_from_args
+
+            rep = validate_from_args(str(src), args.output, eps, args,
+                                     tolerance=loosest([p.tolerance for p in passes]), prefix="validate-",
+                                     executor=executor)
+            result.report["validation"] = rep.to_dict() if hasattr(rep, "to_dict") else None
+            code = finish(rep, args.validate_report)
         if args.report:
             write_json(result.report, args.report)
-        print(format_report(result.report), file=sys.stderr)
-        print(f"check failed: {check['message']} (nothing written to {args.output})", file=sys.stderr)
-        return EXIT_CHECK
-    result.save(args.output, external_data=args.external_data or None)
-    code = EXIT_OK
-    if eps:
-        from onnxopt.validate import finish, validate_from_args
-
-        rep = validate_from_args(str(src), args.output, eps, args,
-                                 tolerance=loosest([p.tolerance for p in passes]), prefix="validate-")
-        result.report["validation"] = rep.to_dict() if hasattr(rep, "to_dict") else None
-        code = finish(rep, args.validate_report)
-    if args.report:
-        write_json(result.report, args.report)
-    if not args.quiet:
-        print(format_report(result.report))
-        print(f"\nwrote {args.output} in {result.report['seconds']:.1f}s")
-    return code
+        if not args.quiet:
+            print(format_report(result.report))
+            print(f"\nwrote {args.output} in {result.report['seconds']:.1f}s")
+        return code
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:

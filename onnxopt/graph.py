@@ -147,10 +147,17 @@ def _ir_version_for(graph: gs.Graph, original: int | None) -> int:
     return max(original or 0, needed, 4)
 
 
-def export_model(graph: gs.Graph, sort: bool = True) -> onnx.ModelProto:
-    """Turn the gs.Graph back into a ModelProto with the original model-level fields."""
+def export_model(graph: gs.Graph, sort: bool = True, into: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Turn the gs.Graph back into a ModelProto with the original model-level fields.
+
+    With `into` (the proto the graph was imported from, which the caller gives up),
+    the result is written into it: initializers the passes left untouched stay where
+    they are instead of being copied, so big models are not held twice.
+    """
     if sort:
         toposort(graph)
+    if into is not None:
+        return _export_into(graph, into)
     with _gs_exportable(graph):
         model = gs.export_onnx(graph, do_type_check=False)
     _finish_export(graph, model.graph)
@@ -164,6 +171,68 @@ def export_model(graph: gs.Graph, sort: bool = True) -> onnx.ModelProto:
     if funcs and not model.functions:
         model.functions.extend(funcs)
     return model
+
+
+def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
+    """`export_model` into the source proto: untouched initializers stay in place, new ones are written once.
+
+    onnx-graphsurgeon would copy every weight into a new proto (and protobuf copies
+    again on append); here the main graph's constants are hidden from it, the
+    source proto drops the initializers no longer used, then each new constant's
+    bytes are written straight into it.
+    """
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    owned = {id(t) for t in into.graph.initializer}
+    consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    values = {id(t): t._values for t in consts}
+    keep = {id(v.tensor) for t in consts for v in [values[id(t)]]
+            if isinstance(v, LazyValues) and id(v.tensor) in owned and v.tensor.name == t.name}
+    for t in consts:  # hidden from gs, so it copies no weight
+        t.to_variable(dtype=t.dtype, shape=t.shape)
+        t.type = "tensor_type"
+    try:
+        model = export_model(graph, sort=False)
+    finally:
+        for t in consts:
+            t.to_constant(values[id(t)])
+    g = into.graph
+    for i in range(len(g.initializer) - 1, -1, -1):
+        if id(g.initializer[i]) not in keep:
+            del g.initializer[i]
+    names = {t.name for t in consts}
+    for f in ("node", "input", "output", "value_info", "sparse_initializer"):
+        del getattr(g, f)[:]
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(v for v in model.graph.value_info if v.name not in names)
+    g.sparse_initializer.extend(model.graph.sparse_initializer)
+    for t in consts:
+        v = values[id(t)]
+        if not (isinstance(v, LazyValues) and id(v.tensor) in keep):
+            _write_constant(g.initializer.add(), t)
+    g.name, g.doc_string = model.graph.name, model.graph.doc_string
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(into, f, getattr(model, f))
+    for f in ("opset_import", "metadata_props", "functions"):
+        del getattr(into, f)[:]
+        getattr(into, f).extend(getattr(model, f))
+    return into
+
+
+def _write_constant(proto: onnx.TensorProto, t: gs.Constant) -> None:
+    """Fill `proto` with constant `t`, copying its bytes once (raw data when the dtype allows)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    arr = t.values
+    if getattr(t, "export_dtype", None) is None and arr.dtype.kind in "biuf":
+        proto.name = t.name
+        proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        proto.dims.extend(arr.shape)
+        proto.raw_data = np.ascontiguousarray(arr).tobytes()
+    else:
+        proto.CopyFrom(OnnxExporter.export_tensor_proto(t))
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:

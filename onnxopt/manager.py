@@ -47,11 +47,15 @@ class PassManager:
         self.collect_stats = collect_stats
         self.records: list[PassRecord] = []
 
-    def run_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """Import, run every pass, export. The input proto is not modified."""
+    def run_model(self, model: onnx.ModelProto, consume: bool = False) -> onnx.ModelProto:
+        """Import, run every pass, export.
+
+        The input proto is not modified, unless `consume`: then the result is written
+        into it, reusing untouched weights in place (no second copy of a big model).
+        """
         graph = import_model(model)
         graph = self.run(graph)
-        return export_model(graph)
+        return export_model(graph, into=model if consume else None)
 
     def run(self, graph: gs.Graph) -> gs.Graph:
         """Run the pipeline on `graph` in place and return it."""

@@ -20,23 +20,28 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import statistics
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 
 from onnxopt.data import CalibrationData, Sample, model_inputs, seeded_inputs
 from onnxopt.ep import EP_PROVIDERS, provider_name
 from onnxopt.ep.envs import EpInterpreter, resolve_interpreter
 from onnxopt.ep.runner import WorkerJob, WorkerResult, run_worker, write_inputs
 from onnxopt.errors import UserError
+from onnxopt.executor import Executor, LocalExecutor, Shared, add_executor_arguments, executor_from_args
 from onnxopt.kernels.metrics import cosine, max_abs_error, mean_abs_error, nan_inf_count, sqnr_db, topk_agreement
 from onnxopt.model_io import load_model, save_model
 from onnxopt.progress import progress
 from onnxopt.shapes import parse_input_shapes
+from onnxopt.sharded_calibration import shard_bounds
 
 CPU = EP_PROVIDERS["cpu"]
 IGNORED_FALLBACK_OPS = {"MemcpyToHost", "MemcpyFromHost"}
@@ -275,30 +280,75 @@ def is_classifier_like(arr: np.ndarray) -> bool:
     return arr.dtype.kind == "f" and arr.ndim in (2, 3) and arr.shape[-1] >= 2
 
 
-def compare_outputs(check: str, refs: list[dict[str, np.ndarray]], cands: list[dict[str, np.ndarray]],
-                    limits: Thresholds) -> list[OutputCheck]:
-    """Compare two runs output by output over all samples, keep the worst metrics and judge them."""
+@dataclass
+class SampleMetrics:
+    """The metrics of one output on one sample, before the worst case over samples is taken.
+
+    `problem` (a missing output or a wrong shape) and `numeric=False` (an output
+    that is not a number) stop the comparison of that output at this sample.
+    """
+
+    problem: str = ""
+    numeric: bool = True
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    cosine: float = 0.0
+    sqnr_db: float = 0.0
+    nonfinite: int = 0
+    scale: float = 0.0
+    topk: float | None = None
+
+
+def sample_metrics(ref_s: dict[str, np.ndarray], cand_s: dict[str, np.ndarray], topk: int) -> dict[str, SampleMetrics]:
+    """Per output, how CAND's outputs on one sample differ from REF's (top-`topk` agreement for class scores)."""
+    rows = {}
+    for name, value in ref_s.items():
+        ref, cand = np.asarray(value), cand_s.get(name)
+        if cand is None or cand.shape != ref.shape:
+            got = "missing" if cand is None else f"shape {list(cand.shape)}"
+            rows[name] = SampleMetrics(problem=f"{got}, expected shape {list(ref.shape)}")
+            continue
+        if ref.dtype.kind not in "fiub":
+            rows[name] = SampleMetrics(numeric=False)
+            continue
+        finite = ref[np.isfinite(ref)] if ref.dtype.kind == "f" else ref
+        rows[name] = SampleMetrics(
+            max_abs=max_abs_error(ref, cand), mean_abs=mean_abs_error(ref, cand), cosine=cosine(ref, cand),
+            sqnr_db=sqnr_db(ref, cand),
+            nonfinite=max(0, sum(nan_inf_count(cand).values()) - sum(nan_inf_count(ref).values())),
+            scale=float(np.abs(finite).max()) if finite.size else 0.0,
+            topk=float(topk_agreement(ref, cand, min(topk, ref.shape[-1]))) if is_classifier_like(ref) else None)
+    return rows
+
+
+def merge_sample_metrics(check: str, per_sample: list[dict[str, SampleMetrics]],
+                         limits: Thresholds) -> list[OutputCheck]:
+    """The worst case of each output over the samples, in sample order, judged against `limits`.
+
+    Max of max_abs, scale and the new-NaN/Inf count summed; mean of the
+    per-sample mean_abs; min of cosine, SQNR and top-k. Given the same
+    per-sample rows in the same order, the result is the same whether they came
+    from one run over all samples or from shards run anywhere.
+    """
     results = []
-    for name in refs[0]:
+    for name in per_sample[0] if per_sample else ():
         oc = OutputCheck(check, name)
         cosines, sqnrs, topks, means, scale = [], [], [], [], 0.0
-        for ref_s, cand_s in zip(refs, cands):
-            ref, cand = np.asarray(ref_s[name]), cand_s.get(name)
-            if cand is None or cand.shape != ref.shape:
-                got = "missing" if cand is None else f"shape {list(cand.shape)}"
-                oc.violations.append(f"{got}, expected shape {list(ref.shape)}")
+        for rows in per_sample:
+            m = rows[name]
+            if m.problem:
+                oc.violations.append(m.problem)
                 break
-            if ref.dtype.kind not in "fiub":
+            if not m.numeric:
                 break
-            oc.max_abs = max(oc.max_abs, max_abs_error(ref, cand))
-            means.append(mean_abs_error(ref, cand))
-            cosines.append(cosine(ref, cand))
-            sqnrs.append(sqnr_db(ref, cand))
-            oc.nonfinite += max(0, sum(nan_inf_count(cand).values()) - sum(nan_inf_count(ref).values()))
-            finite = ref[np.isfinite(ref)] if ref.dtype.kind == "f" else ref
-            scale = max(scale, float(np.abs(finite).max()) if finite.size else 0.0)
-            if is_classifier_like(ref):
-                topks.append(float(topk_agreement(ref, cand, min(limits.topk, ref.shape[-1]))))
+            oc.max_abs = max(oc.max_abs, m.max_abs)
+            means.append(m.mean_abs)
+            cosines.append(m.cosine)
+            sqnrs.append(m.sqnr_db)
+            oc.nonfinite += m.nonfinite
+            scale = max(scale, m.scale)
+            if m.topk is not None:
+                topks.append(m.topk)
         oc.mean_abs = float(np.mean(means)) if means else 0.0
         oc.cosine = _worst(cosines)
         oc.sqnr_db = _worst(sqnrs)
@@ -307,6 +357,12 @@ def compare_outputs(check: str, refs: list[dict[str, np.ndarray]], cands: list[d
             oc.violations = judge(oc, limits, scale)
         results.append(oc)
     return results
+
+
+def compare_outputs(check: str, refs: list[dict[str, np.ndarray]], cands: list[dict[str, np.ndarray]],
+                    limits: Thresholds) -> list[OutputCheck]:
+    """Compare two runs output by output over all samples, keep the worst metrics and judge them."""
+    return merge_sample_metrics(check, [sample_metrics(r, c, limits.topk) for r, c in zip(refs, cands)], limits)
 
 
 def _worst(values: list[float]) -> float | None:
@@ -376,11 +432,12 @@ class _Run:
     timeout: float
 
     def job(self, python: str, model: Path, provider: str, level: str = "all", timed: bool = False,
-            placement: bool = False, outputs: bool = True) -> WorkerResult:
+            placement: bool = False, outputs: bool = True, env: dict[str, str] | None = None) -> WorkerResult:
         options = {"num_of_threads": self.threads} if provider == EP_PROVIDERS["openvino"] else {}
         job = WorkerJob(str(model), provider, options, level, self.threads,
                         self.warmup if timed else 0, self.runs if timed else 0, placement, want_outputs=outputs)
-        return run_worker(python, job, self.inputs_npz, self.input_names, self.samples, timeout=self.timeout)
+        return run_worker(python, job, self.inputs_npz, self.input_names, self.samples, timeout=self.timeout,
+                          env=env)
 
 
 def _failure(res: WorkerResult, what: str) -> str:
@@ -399,11 +456,14 @@ def validate(ref: str | os.PathLike | onnx.ModelProto, cand: str | os.PathLike |
              thresholds: ThresholdSet | None = None, require_no_fallback: bool = False,
              seed: int = 0, input_shapes: dict[str, tuple[int, ...]] | None = None, threads: int = 1,
              warmup: int = 3, runs: int = 10, timeout: float = 600.0,
-             ep_python: dict[str, str] | None = None) -> ValidationReport:
+             ep_python: dict[str, str] | None = None, executor: Executor | None = None) -> ValidationReport:
     """Validate CAND against REF on the given EPs; see the module docstring for what runs where.
 
     `data` is a calibration-format path or iterable of samples (else `samples`
-    seeded random inputs). `ep_python` names an interpreter per EP.
+    seeded random inputs). `ep_python` names an interpreter per EP. With an
+    `executor`, the accuracy runs go to its workers in shards of samples and
+    only placement and latency run here (see `_validate_sharded`); without one,
+    everything runs from this process.
     """
     thresholds = thresholds or ThresholdSet()
     eps = [e.lower() for e in eps]
@@ -426,6 +486,11 @@ def validate(ref: str | os.PathLike | onnx.ModelProto, cand: str | os.PathLike |
         cpu = resolve_interpreter("cpu", (ep_python or {}).get("cpu"))
         if not cpu.available:
             raise UserError(f"the CPU EP cannot run: {cpu.reason}")
+        if executor is not None:
+            interps = [cpu if ep == "cpu" else resolve_interpreter(ep, (ep_python or {}).get(ep)) for ep in eps]
+            _validate_sharded(executor, report, feeds, ref_path, ref_model, cand_path, cand_model, cpu, interps,
+                              run, tmpdir, require_no_fallback)
+            return report
         ref_run = run.job(cpu.python, ref_path, CPU, timed=True)
         if not ref_run.ok:
             report.pass_errors.append(_failure(ref_run, "REF on the CPU EP failed"))
@@ -470,6 +535,232 @@ def _validate_ep(interp: EpInterpreter, run: _Run, ref_path: Path, cand_path: Pa
     if not ref_lat.ok:
         report.errors.append(_failure(ref_lat, f"REF on {ep} failed (latency)"))
     report.latency = Latency(_median(ref_lat.latency_ms), _median(res.latency_ms), run.runs, run.threads)
+    if any(c.violations for c in report.checks) or report.errors:
+        report.status = "failed"
+    if require_no_fallback and report.placement and report.placement.fallback and provider != CPU:
+        report.status = "failed"
+        report.errors.append(f"--require-no-fallback: {len(report.placement.fallback)} node(s) ran on the CPU EP")
+    return report
+
+
+@dataclass
+class _ModelRef:
+    """How a shard task finds a model: its bytes in the executor's shared store, or a path on a shared filesystem.
+
+    Models with external weights travel by path (the weights file must be
+    visible to every worker at the same path); others once through
+    `Executor.share`, written to a file in each task's temporary directory.
+    """
+
+    path: str
+    blob: Shared | None = None
+
+    def file(self, tmpdir: Path, name: str) -> str:
+        if self.blob is None:
+            return self.path
+        out = tmpdir / name
+        out.write_bytes(self.blob.get())
+        return str(out)
+
+
+@dataclass
+class _Interp:
+    """An EP's interpreter as the driver resolved it; `current` means "the worker's own interpreter".
+
+    `pythonpath` is the driver's $PYTHONPATH (None: unset), under which the
+    driver probed the interpreter: a named interpreter's worker gets it instead
+    of the task's own (a local Ray instance points PYTHONPATH at the driver's
+    packages, which would shadow the EP environment's onnxruntime build).
+    """
+
+    ep: str
+    python: str
+    current: bool
+    pythonpath: str | None = None
+
+    def env(self) -> dict[str, str] | None:
+        """The environment of this interpreter's worker process (None: inherit the task's)."""
+        if self.current:
+            return None
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if self.pythonpath is not None:
+            env["PYTHONPATH"] = self.pythonpath
+        return env
+
+    def path(self) -> str:
+        """The interpreter to start on this worker, which must exist here at the driver's path."""
+        if self.current:
+            return sys.executable
+        if not Path(self.python).exists():
+            raise FileNotFoundError(
+                f"{self.python} (the {self.ep} EP's interpreter on the driver) does not exist on worker host "
+                f"{socket.gethostname()}: the EP's environment must exist at the same path on every node "
+                f"(run `onnxopt ep setup {self.ep}` there, or set ONNXOPT_HOME alike)")
+        return self.python
+
+
+@dataclass
+class _ShardTask:
+    """Accuracy runs over samples [start, stop): REF and CAND (optimizations off) on CPU, CAND on each EP."""
+
+    ref: _ModelRef
+    cand: _ModelRef
+    feeds: Shared
+    start: int
+    stop: int
+    input_names: list[str]
+    cpu: _Interp
+    eps: list[_Interp]
+    threads: int
+    timeout: float
+    topk_pass: int
+    topk_backend: int
+    topk_e2e: int
+
+
+@dataclass
+class _ShardResult:
+    """Per-sample metrics of one shard, and the runs that did not succeed (status, failure text)."""
+
+    start: int
+    stop: int
+    ref_failure: tuple[str, str] | None = None
+    plain_failure: tuple[str, str] | None = None
+    pass_rows: list[dict[str, SampleMetrics]] = field(default_factory=list)
+    ep_failures: dict[str, tuple[str, str]] = field(default_factory=dict)
+    backend_rows: dict[str, list[dict[str, SampleMetrics]]] = field(default_factory=dict)
+    e2e_rows: dict[str, list[dict[str, SampleMetrics]]] = field(default_factory=dict)
+
+
+def _run_shard(task: _ShardTask) -> _ShardResult:
+    """One validation shard on a worker: its samples through every model and EP, reduced to per-sample metrics."""
+    out = _ShardResult(task.start, task.stop)
+    where = f"samples {task.start}-{task.stop - 1}"
+    with tempfile.TemporaryDirectory(prefix="onnxopt-validate-shard-") as tmp:
+        tmpdir = Path(tmp)
+        feeds = task.feeds.get()[task.start:task.stop]
+        write_inputs(tmpdir / "inputs.npz", feeds, task.input_names)
+        run = _Run(tmpdir / "inputs.npz", task.input_names, len(feeds), task.threads, 0, 0, task.timeout)
+        ref_path, cand_path = task.ref.file(tmpdir, "ref.onnx"), task.cand.file(tmpdir, "cand.onnx")
+
+        def job(interp: _Interp, model: str, provider: str, level: str = "all") -> WorkerResult:
+            try:
+                python = interp.path()
+            except FileNotFoundError as exc:
+                return WorkerResult("error", str(exc), "start")
+            return run.job(python, Path(model), provider, level=level, env=interp.env())
+
+        ref_run = job(task.cpu, ref_path, CPU)
+        if not ref_run.ok:
+            out.ref_failure = (ref_run.status, _failure(ref_run, f"REF on the CPU EP failed ({where})"))
+            return out
+        plain = job(task.cpu, cand_path, CPU, level="disable")
+        if plain.ok:
+            out.pass_rows = [sample_metrics(r, c, task.topk_pass) for r, c in zip(ref_run.outputs, plain.outputs)]
+        else:
+            out.plain_failure = (plain.status, _failure(
+                plain, f"CAND on the CPU EP (optimizations off) failed ({where})"))
+        for interp in task.eps:
+            res = job(interp, cand_path, provider_name(interp.ep))
+            if not res.ok:
+                what = res.error if res.status == "unavailable" else _failure(res, f"CAND on {interp.ep} failed ({where})")
+                out.ep_failures[interp.ep] = (res.status, what)
+                continue
+            if plain.ok:
+                out.backend_rows[interp.ep] = [sample_metrics(p, c, task.topk_backend)
+                                               for p, c in zip(plain.outputs, res.outputs)]
+            out.e2e_rows[interp.ep] = [sample_metrics(r, c, task.topk_e2e) for r, c in zip(ref_run.outputs, res.outputs)]
+    return out
+
+
+def _share_model(executor: Executor, path: Path, model: onnx.ModelProto) -> _ModelRef:
+    """A model's bytes through the executor's shared store, or its path if its weights are external."""
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in external_data_helper._get_all_tensors(model)):
+        return _ModelRef(str(path.resolve()))
+    return _ModelRef(str(path), executor.share(path.read_bytes()))
+
+
+def _validate_sharded(executor: Executor, report: ValidationReport, feeds: list[Sample], ref_path: Path,
+                      ref_model: onnx.ModelProto, cand_path: Path, cand_model: onnx.ModelProto,
+                      cpu: EpInterpreter, interps: list[EpInterpreter], run: _Run, tmpdir: Path,
+                      require_no_fallback: bool) -> None:
+    """Fill `report`: accuracy over shards of samples on `executor`, placement and latency on this machine.
+
+    One task per shard of samples (one shard per worker) runs REF and CAND
+    (optimizations off) on the CPU EP and CAND on every available EP, and
+    returns per-sample metrics; they are merged here in sample order with
+    `merge_sample_metrics`, so every metric and verdict equals the
+    single-process path's. Latency and placement are measured only here, on
+    the machine that will serve the model, after the accuracy work is done and
+    from the first sample only. Workers start each EP's worker with the
+    interpreter this process resolved (the same path must exist on every node).
+    """
+    t = report.thresholds
+    runnable = [i for i in interps if i.available]
+    shared_feeds = executor.share(feeds)
+    ref_ref, cand_ref = _share_model(executor, ref_path, ref_model), _share_model(executor, cand_path, cand_model)
+
+    def as_task_interp(i: EpInterpreter) -> _Interp:
+        return _Interp(i.ep, i.python or "", i.source == "current interpreter", os.environ.get("PYTHONPATH"))
+
+    tasks = [_ShardTask(ref_ref, cand_ref, shared_feeds, a, b, run.input_names, as_task_interp(cpu),
+                        [as_task_interp(i) for i in runnable], run.threads, run.timeout, t.pass_.topk,
+                        t.backend.topk, t.pass_.looser(t.backend).topk)
+             for a, b in shard_bounds(len(feeds), executor.workers)]
+    shards = executor.map(_run_shard, tasks, desc="validate shards", unit="shard")
+    ref_failed = next((s.ref_failure for s in shards if s.ref_failure), None)
+    if ref_failed:
+        report.pass_errors.append(ref_failed[1])
+        report.eps = [EpReport(ep, "failed", "no reference outputs") for ep in (i.ep for i in interps)]
+        return
+    plain_failed = next((s.plain_failure for s in shards if s.plain_failure), None)
+    if plain_failed:
+        report.pass_errors.append(plain_failed[1])
+    else:
+        report.pass_checks = merge_sample_metrics("pass", [r for s in shards for r in s.pass_rows], t.pass_)
+    write_inputs(tmpdir / "first.npz", feeds[:1], run.input_names)
+    timing = dataclasses.replace(run, inputs_npz=tmpdir / "first.npz", samples=min(1, len(feeds)))
+    ref_cpu = timing.job(cpu.python, ref_path, CPU, timed=True, outputs=False)
+    for interp in progress(interps, desc="validate EPs (latency)", total=len(interps), unit="EP"):
+        report.eps.append(_ep_from_shards(interp, shards, timing, ref_path, cand_path, cand_model, ref_cpu,
+                                          plain_failed is None, t, require_no_fallback))
+
+
+def _ep_from_shards(interp: EpInterpreter, shards: list[_ShardResult], timing: _Run, ref_path: Path,
+                    cand_path: Path, cand_model: onnx.ModelProto, ref_cpu: WorkerResult, plain_ok: bool,
+                    thresholds: ThresholdSet, require_no_fallback: bool) -> EpReport:
+    """One EP's report from the shards' metrics, with placement and latency measured on this machine."""
+    ep = interp.ep
+    if not interp.available:
+        return EpReport(ep, "skipped", interp.reason)
+    provider = provider_name(ep)
+    report = EpReport(ep, interpreter=interp.python, ort_version=interp.ort_version)
+    failures = [s.ep_failures[ep] for s in shards if ep in s.ep_failures]
+    unavailable = next((f for f in failures if f[0] == "unavailable"), None)
+    if unavailable:
+        report.status, report.reason = "skipped", unavailable[1]
+        return report
+    if failures:
+        report.status = "failed"
+        report.errors.append(failures[0][1])
+        return report
+    if plain_ok:
+        report.checks += merge_sample_metrics("backend", [r for s in shards for r in s.backend_rows[ep]],
+                                              thresholds.backend)
+    report.checks += merge_sample_metrics("e2e", [r for s in shards for r in s.e2e_rows[ep]],
+                                          thresholds.pass_.looser(thresholds.backend))
+    res = timing.job(interp.python, cand_path, provider, timed=True, placement=True, outputs=False)
+    if res.status == "unavailable":
+        report.status = "skipped"
+        report.reason = f"runs on the workers but not on this machine, where latency is measured: {res.error}"
+        return report
+    if not res.ok:
+        report.errors.append(_failure(res, f"CAND on {ep} failed (latency)"))
+    report.placement = read_placement(res, provider, cand_model) if res.ok else None
+    ref_lat = ref_cpu if ep == "cpu" else timing.job(interp.python, ref_path, provider, timed=True, outputs=False)
+    if not ref_lat.ok:
+        report.errors.append(_failure(ref_lat, f"REF on {ep} failed (latency)"))
+    report.latency = Latency(_median(ref_lat.latency_ms), _median(res.latency_ms), timing.runs, timing.threads)
     if any(c.violations for c in report.checks) or report.errors:
         report.status = "failed"
     if require_no_fallback and report.placement and report.placement.fallback and provider != CPU:
@@ -562,14 +853,19 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cand", help="the optimized model")
     parser.add_argument("--ep", default="cpu", help="comma-separated EPs: cpu,openvino,cuda (default cpu)")
     add_validation_options(parser)
+    add_executor_arguments(parser)  # where the accuracy runs go; latency is always measured here
 
 
 def validate_from_args(ref, cand, eps: list[str], args: argparse.Namespace, tolerance: str = "exact",
-                       prefix: str = "") -> ValidationReport:
+                       prefix: str = "", executor: Executor | None = None) -> ValidationReport:
     """Run `validate` with the options of `add_validation_options(parser, prefix)`.
 
-    `tolerance` is the class used when the user gave none (for `optimize`, the pipeline's loosest).
+    `tolerance` is the class used when the user gave none (for `optimize`, the
+    pipeline's loosest). `executor` runs the accuracy shards; the in-process
+    local executor (the CLI default) validates as without one, from this process.
     """
+    if isinstance(executor, LocalExecutor) and executor.workers == 1:
+        executor = None
     def opt(name: str):
         return getattr(args, (prefix + name).replace("-", "_"))
 
@@ -580,7 +876,7 @@ def validate_from_args(ref, cand, eps: list[str], args: argparse.Namespace, tole
                     require_no_fallback=opt("require_no_fallback"), seed=opt("seed"),
                     input_shapes=parse_input_shapes(opt("input_shape")), threads=opt("threads"),
                     warmup=opt("warmup"), runs=opt("runs"), timeout=opt("timeout"),
-                    ep_python=parse_ep_python(opt("ep_python")))
+                    ep_python=parse_ep_python(opt("ep_python")), executor=executor)
 
 
 def finish(report: ValidationReport, report_path: str | None) -> int:
@@ -596,5 +892,7 @@ def run_validate_command(args: argparse.Namespace) -> int:
     for path in (args.ref, args.cand):
         if not Path(path).is_file():
             raise UserError(f"{path}: no such model file")
-    report = validate_from_args(args.ref, args.cand, parse_eps(args.ep), args)
+    eps = parse_eps(args.ep)
+    with executor_from_args(args) as executor:
+        report = validate_from_args(args.ref, args.cand, eps, args, executor=executor)
     return finish(report, args.report)

@@ -165,8 +165,9 @@ def _constant_key(t: gs.Constant) -> tuple:
     lazy = t._values
     if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
         return (np.dtype(lazy.dtype).str, tuple(lazy.shape), hashlib.sha1(lazy.tensor.raw_data).hexdigest())
-    v = np.ascontiguousarray(t.values)
-    return (v.dtype.str, v.shape, hashlib.sha1(v.view(np.uint8).reshape(-1) if v.size else b"").hexdigest())
+    v = np.asarray(t.values)  # shape taken here: ascontiguousarray would make a scalar 1-D
+    data = np.ascontiguousarray(v).view(np.uint8).reshape(-1) if v.size else b""
+    return (v.dtype.str, v.shape, hashlib.sha1(data).hexdigest())
 
 
 def _attr_key(value) -> object:

@@ -1,5 +1,6 @@
-"""The Ray executor on a local instance of 2 CPUs: calibration ranges and sensitivity decisions identical
-to the local executor (1 and 2 processes), a killed worker retried, optimize-many byte-identical."""
+"""The Ray executor on a local instance of 2 CPUs: calibration ranges, sensitivity decisions and validation
+metrics identical to the local executor (1 and 2 processes), a killed worker retried, optimize-many
+byte-identical."""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +17,7 @@ from onnxopt.sharded_calibration import sharded_observe  # noqa: E402
 from tests import scale_tasks  # noqa: E402
 from tests.conftest import real_model  # noqa: E402
 from tests.test_fleet import write_fleet  # noqa: E402
+from tests.test_validate_sharded import accuracy, cls_case, run_case  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +77,14 @@ def test_optimize_many_on_ray_matches_local(executors, tmp_path):
         assert (tmp_path / "ray" / f"{name}.opt.onnx").read_bytes() == \
             (tmp_path / "local" / f"{name}.opt.onnx").read_bytes()
     assert ray.is_initialized()  # the command reused the test's Ray session and left it running
+
+
+def test_validation_on_ray_matches_local(executors, tmp_path):
+    """The fold,fuse result and a perturbed copy of PP-OCR's classifier on cpu (+openvino): per-output metrics
+    and verdicts equal on every executor; latency and placement measured on the driver."""
+    ref, good, bad, eps = cls_case(tmp_path)
+    for cand, verdict in ((good, True), (bad, False)):
+        got = {name: run_case(ref, cand, eps, ex) for name, ex in executors.items()}
+        assert got["local-1"].passed is verdict
+        assert accuracy(got["ray"]) == accuracy(got["local-1"]) == accuracy(got["local-2"])
+        assert all(e.latency and e.latency.cand_ms and e.placement for e in got["ray"].eps)

@@ -63,11 +63,12 @@ def write_inputs(path: Path, samples: list[dict[str, np.ndarray]], names: list[s
 
 
 def run_worker(python: str, job: WorkerJob, inputs_npz: Path, input_names: list[str], samples: int,
-               timeout: float = 600.0, on_start: Callable[[subprocess.Popen], None] | None = None
-               ) -> WorkerResult:
+               timeout: float = 600.0, on_start: Callable[[subprocess.Popen], None] | None = None,
+               env: dict[str, str] | None = None) -> WorkerResult:
     """Run `job` with interpreter `python` on the inputs already stored in `inputs_npz`.
 
-    `on_start` receives the process right after it starts (tests use it to kill the worker).
+    `on_start` receives the process right after it starts (tests use it to kill the worker);
+    `env` replaces the inherited environment of the worker process.
     """
     with tempfile.TemporaryDirectory(prefix="onnxopt-job-") as tmp:
         tmpdir = Path(tmp)
@@ -85,7 +86,7 @@ def run_worker(python: str, job: WorkerJob, inputs_npz: Path, input_names: list[
         with open(stderr_path, "wb") as err:
             try:
                 proc = subprocess.Popen([python, str(WORKER), str(tmpdir / "request.json")],
-                                        stdout=subprocess.DEVNULL, stderr=err)
+                                        stdout=subprocess.DEVNULL, stderr=err, env=env)
             except OSError as exc:
                 return WorkerResult("error", f"cannot start worker with {python}: {exc}", "start")
             if on_start:
