@@ -37,7 +37,8 @@ from onnxopt.ep.envs import EpInterpreter, resolve_interpreter
 from onnxopt.ep.runner import WorkerJob, WorkerResult, run_worker, write_inputs
 from onnxopt.errors import UserError
 from onnxopt.executor import Executor, LocalExecutor, Shared, add_executor_arguments, executor_from_args
-from onnxopt.kernels.metrics import cosine, max_abs_error, mean_abs_error, nan_inf_count, sqnr_db, topk_agreement
+from onnxopt.kernels.metrics import (cosine, max_abs_error, mean_abs_error, nan_inf_count, sqnr_db,
+                                     topk_agreement)
 from onnxopt.model_io import load_model, save_model
 from onnxopt.progress import progress
 from onnxopt.shapes import parse_input_shapes
