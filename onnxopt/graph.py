@@ -284,8 +284,7 @@ def _toposort_one(graph: gs.Graph) -> None:
             if remaining[u] == 0:
                 ready.append(u)
     if len(order) != len(nodes):
-        stuck = [nodes[i].name or nodes[i].op for i in range(len(nodes)) if remaining[i] > 0][:5]
-        raise ValueError(f"graph has a cycle (involving {stuck})")
+        raise ValueError(f"graph has a cycle: {_describe_cycle(nodes, deps, remaining)}")
     graph.nodes = [nodes[i] for i in order]
 
 
@@ -298,6 +297,19 @@ def _node_inputs_with_captures(node: gs.Node) -> list[gs.Tensor]:
             for n in g.nodes:
                 tensors.extend(t for t in n.inputs if id(t) not in local)
     return tensors
+
+
+def _describe_cycle(nodes: list[gs.Node], deps: list[set[int]], remaining: list[int]) -> str:
+    """Name the nodes of one cycle among the nodes a sort could not place (networkx finds it)."""
+    import networkx as nx
+
+    stuck = [i for i in range(len(nodes)) if remaining[i] > 0]
+    g = nx.DiGraph((j, i) for i in stuck for j in deps[i] if remaining[j] > 0)
+    try:
+        cycle = [u for u, _ in nx.find_cycle(g)]
+    except nx.NetworkXNoCycle:
+        cycle = stuck[:5]
+    return " -> ".join(nodes[i].name or nodes[i].op for i in cycle[:12]) + (" -> ..." if len(cycle) > 12 else "")
 
 
 def cleanup(graph: gs.Graph) -> gs.Graph:

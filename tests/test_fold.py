@@ -195,3 +195,18 @@ def test_fold_is_idempotent_on_real_model(size_limit):
     once = onnxopt.optimize(path, pipeline=f"fold{{size_limit_mb={size_limit}}},fuse").model
     twice = onnxopt.optimize(once, pipeline=f"fold{{size_limit_mb={size_limit}}},fuse")
     assert not any(p["changed"] for p in twice.report["passes"])
+
+
+def test_a_cycle_is_reported_with_the_nodes_on_it():
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import toposort
+
+    x = gs.Variable("x", dtype=np.float32, shape=[1])
+    a, b, c = (gs.Variable(n, dtype=np.float32, shape=[1]) for n in "abc")
+    nodes = [gs.Node("Add", name="first", inputs=[x, c], outputs=[a]),
+             gs.Node("Relu", name="second", inputs=[a], outputs=[b]),
+             gs.Node("Neg", name="third", inputs=[b], outputs=[c])]
+    g = gs.Graph(nodes=nodes, inputs=[x], outputs=[c], opset=15)
+    with pytest.raises(ValueError, match="cycle: .*(first|second|third) -> .*(first|second|third)"):
+        toposort(g)
