@@ -533,15 +533,7 @@ def _validate_ep(interp: EpInterpreter, run: _Run, ref_path: Path, cand_path: Pa
     report.placement = read_placement(res, provider, cand_model)
     ref_lat = ref_run if reuse_ref else run.job(
         interp.python, ref_path, provider, timed=True, outputs=False)
-    if not ref_lat.ok:
-        report.errors.append(_failure(ref_lat, f"REF on {ep} failed (latency)"))
-    report.latency = Latency(_median(ref_lat.latency_ms), _median(res.latency_ms), run.runs, run.threads)
-    if any(c.violations for c in report.checks) or report.errors:
-        report.status = "failed"
-    if require_no_fallback and report.placement and report.placement.fallback and provider != CPU:
-        report.status = "failed"
-        report.errors.append(f"--require-no-fallback: {len(report.placement.fallback)} node(s) ran on the CPU EP")
-    return report
+    return _conclude(report, ref_lat, res, run.runs, run.threads, provider, require_no_fallback)
 
 
 @dataclass
@@ -759,9 +751,15 @@ def _ep_from_shards(interp: EpInterpreter, shards: list[_ShardResult], timing: _
         report.errors.append(_failure(res, f"CAND on {ep} failed (latency)"))
     report.placement = read_placement(res, provider, cand_model) if res.ok else None
     ref_lat = ref_cpu if ep == "cpu" else timing.job(interp.python, ref_path, provider, timed=True, outputs=False)
+    return _conclude(report, ref_lat, res, timing.runs, timing.threads, provider, require_no_fallback)
+
+
+def _conclude(report: EpReport, ref_lat, res, runs: int, threads: int, provider: str,
+              require_no_fallback: bool) -> EpReport:
+    """Latency, verdict and the no-fallback rule of one EP, once its checks and placement are in."""
     if not ref_lat.ok:
-        report.errors.append(_failure(ref_lat, f"REF on {ep} failed (latency)"))
-    report.latency = Latency(_median(ref_lat.latency_ms), _median(res.latency_ms), timing.runs, timing.threads)
+        report.errors.append(_failure(ref_lat, f"REF on {report.ep} failed (latency)"))
+    report.latency = Latency(_median(ref_lat.latency_ms), _median(res.latency_ms), runs, threads)
     if any(c.violations for c in report.checks) or report.errors:
         report.status = "failed"
     if require_no_fallback and report.placement and report.placement.fallback and provider != CPU:
