@@ -69,7 +69,7 @@ def error_curve(singular_values: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(tail, 0.0) / total)
 
 
-def _damped_cholesky(cov: np.ndarray, eps: float) -> np.ndarray:
+def damped_cholesky(cov: np.ndarray, eps: float) -> np.ndarray:
     """Lower Cholesky factor of cov + damp*I, damp = eps * mean diagonal, raised until it factors."""
     m = cov.shape[0]
     scale = float(np.trace(cov)) / m if m else 0.0
@@ -100,7 +100,7 @@ def whitened_svd(
     if cov.shape != (m, m):
         raise ValueError(f"covariance shape {cov.shape} does not match W rows {m}")
     r = _check_rank(rank, m, n)
-    L = _damped_cholesky(0.5 * (cov + cov.T), eps)
+    L = damped_cholesky(0.5 * (cov + cov.T), eps)
     u, s, vt = np.linalg.svd(L.T @ W.astype(np.float64), full_matrices=False)
     root = np.sqrt(s[:r])
     A = scipy.linalg.solve_triangular(L.T, u[:, :r] * root, lower=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank import _damped_cholesky, max_useful_rank
+from .lowrank import damped_cholesky, max_useful_rank
 
 __all__ = [
     "LayerCurve",
@@ -67,7 +67,7 @@ def whitened_error_curve(W: np.ndarray, cov: np.ndarray, energy: float, eps: flo
     the layer's output energy E||y||^2 (see `output_energy`).
     """
     cov = np.asarray(cov, dtype=np.float64)
-    L = _damped_cholesky(0.5 * (cov + cov.T), eps)
+    L = damped_cholesky(0.5 * (cov + cov.T), eps)
     s = np.linalg.svd(L.T @ np.asarray(W, dtype=np.float64), compute_uv=False)
     tail = _tail_sq(s)
     return tail / energy if energy > 0 else np.zeros_like(tail)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from onnxopt.kernels.lowrank import CovarianceAccumulator
+from .lowrank import CovarianceAccumulator
 
 
 class ChannelStats:
