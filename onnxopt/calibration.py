@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -59,20 +60,38 @@ def observe(model: onnx.ModelProto, samples: Iterable[Sample], tensors: list[str
 
     Tensors are exposed in chunks of `chunk` per session, so a model with many
     large activations does not hold them all at once; with one chunk the data is
-    read once. Returns {tensor name: observer}.
+    read once. The observers of one sample are updated on a single helper
+    thread while onnxruntime (which releases the GIL) runs the next sample, so
+    updates keep the sample order (same statistics) and at most two samples'
+    outputs are alive at once. Returns {tensor name: observer}.
     """
     observers = {t: make_observer(t) for t in tensors}
     graph_outputs = [o.name for o in model.graph.output]
     groups = [tensors[i:i + chunk] for i in range(0, len(tensors), chunk)] or [[]]
     for gi, group in enumerate(groups):
-        sess = ort.InferenceSession(with_outputs(model, group).SerializeToString(),
-                                    session_options(threads, optimize=False), providers=["CPUExecutionProvider"])
+        so = session_options(threads, optimize=False)
+        # idle onnxruntime threads would spin against the updater thread for the same cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(with_outputs(model, group).SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
         names = list(dict.fromkeys(group + [o for o in graph_outputs if o in observers]))
         label = desc if len(groups) == 1 else f"{desc} ({gi + 1}/{len(groups)})"
-        for feeds in progress(samples, label, total=total, unit="sample"):
-            for name, value in zip(names, sess.run(names, feeds)):
-                observers[name].update(value)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: Future[None] | None = None
+            for feeds in progress(samples, label, total=total, unit="sample"):
+                values = sess.run(names, feeds)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(_update_all, observers, names, values)
+            if pending is not None:
+                pending.result()
     return observers
+
+
+def _update_all(observers: dict[str, Observer], names: list[str], values: list[np.ndarray]) -> None:
+    """Feed one sample's outputs to their observers (in `names` order, on the single updater thread)."""
+    for name, value in zip(names, values):
+        observers[name].update(value)
 
 
 def _stats_cache_path(model: onnx.ModelProto, data_key: str, max_bins: int) -> Path:
