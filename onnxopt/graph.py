@@ -136,10 +136,22 @@ def name_unnamed_nodes(graph: gs.Graph) -> None:
             taken.add(name)
 
 
+def model_opsets(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
+    """The opset imports of a graph: its import domains, else the default domain at `graph.opset`."""
+    if graph.import_domains:
+        return [onnx.helper.make_opsetid(o.domain, o.version) for o in graph.import_domains]
+    return [onnx.helper.make_opsetid("", graph.opset)]
+
+
+def detach(node: gs.Node) -> None:
+    """Disconnect a node from all its tensors; `cleanup` then drops it."""
+    node.outputs.clear()
+    node.inputs.clear()
+
+
 def _ir_version_for(graph: gs.Graph, original: int | None) -> int:
     """Lowest valid IR version: at least the original, at least 4 (initializers need not be inputs)."""
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in (graph.import_domains and
-              [(o.domain, o.version) for o in graph.import_domains] or [("", graph.opset)])]
+    opsets = model_opsets(graph)
     try:
         needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     except Exception:
@@ -455,8 +467,7 @@ def _export_structure(graph: gs.Graph, OnnxExporter) -> onnx.ModelProto:  # noqa
     g = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in graph.nodes], graph.name or "g", inputs,
                                [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs],
                                inits)
-    opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in graph.import_domains] if graph.import_domains \
-        else [onnx.helper.make_opsetid("", graph.opset)]
+    opsets = model_opsets(graph)
     model = onnx.helper.make_model(g, opset_imports=opsets)
     model.ir_version = _ir_version_for(graph, getattr(graph, "_onnxopt_ir_version", None))
     model.functions.extend(getattr(graph, "_onnxopt_functions", []))

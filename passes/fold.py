@@ -26,7 +26,7 @@ import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxopt.graph import (cleanup, constant_value, export_structure, iter_graphs,
+from onnxopt.graph import (cleanup, constant_value, detach, export_structure, iter_graphs, model_opsets,
                            output_owners, replace_all_uses, subgraphs_of, toposort, unique_name)
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
@@ -212,8 +212,7 @@ def _eliminate_common_subexpressions(graph: gs.Graph, counts: dict) -> int:
                 continue
             for mine, theirs in zip(list(node.outputs), list(first.outputs)):
                 replace_all_uses(graph, mine, theirs, owners)
-            node.outputs.clear()
-            node.inputs.clear()
+            detach(node)
             n += 1
     counts["cse_merged"] += n
     return n
@@ -259,8 +258,7 @@ def _standalone_model(root: gs.Graph, nodes: list[gs.Node], outputs: list[str],
         protos, "fold", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                          for k, v in feeds.items()],
         [onnx.ValueInfoProto(name=o) for o in outputs], inits)
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in (root.import_domains and
-              [(o.domain, o.version) for o in root.import_domains] or [("", root.opset)])]
+    opsets = model_opsets(root)
     return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=max(root._onnxopt_ir_version or 0, 7)
                                   if hasattr(root, "_onnxopt_ir_version") else 8)
 
@@ -361,8 +359,7 @@ def _remove_identities(graph: gs.Graph, counts: dict) -> int:
                     continue  # the output name must stay and nothing else can carry it
             else:
                 replace_all_uses(graph, out, src, owners)
-            node.outputs.clear()
-            node.inputs.clear()
+            detach(node)
             n += 1
     counts["identity_removed"] += n
     return n
@@ -415,8 +412,7 @@ def _inline_constant_ifs(graph: gs.Graph, counts: dict) -> int:
                 replace_all_uses(graph, outer, inner)
             branch.nodes.clear()
             branch.outputs.clear()
-            node.outputs.clear()
-            node.inputs.clear()
+            detach(node)
             n += 1
     counts["if_inlined"] += n
     return n

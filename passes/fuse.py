@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import cleanup, constant_shape, constant_value, is_constant, output_owners, replace_all_uses, unique_name
+from onnxopt.graph import cleanup, constant_shape, constant_value, detach, is_constant, output_owners, replace_all_uses, unique_name
 from onnxopt.kernels.fusion import affine_bias, bn_affine, per_channel, scale_output_channels
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
@@ -139,14 +139,12 @@ def _bypass(graph: gs.Graph, node: gs.Node, replacement: gs.Tensor) -> None:
     out = node.outputs[0]
     prod = replacement.inputs[0] if replacement.inputs else None
     if prod is not None and len(replacement.outputs) == 1 and replacement.outputs[0] is node:
-        node.outputs.clear()  # the fused op now produces the old output tensor itself: names stay
-        node.inputs.clear()
+        detach(node)  # the fused op now produces the old output tensor itself: names stay
         k = next(i for i, t in enumerate(prod.outputs) if t is replacement)
         prod.outputs[k] = out
         return
     replace_all_uses(graph, out, replacement, getattr(graph, "_onnxopt_owners", None))
-    node.outputs.clear()
-    node.inputs.clear()
+    detach(node)
 
 
 def _split_shared_producer(graph: gs.Graph, bn: gs.Node) -> None:
@@ -274,8 +272,7 @@ def _merge_chain(graph: gs.Graph, node: gs.Node) -> bool:
     dtype = np.result_type(v1.dtype, v2.dtype)
     node.inputs[0] = y
     node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name or node.op}_merged"), merged.astype(dtype))
-    inner.outputs.clear()
-    inner.inputs.clear()
+    detach(inner)
     return True
 
 
@@ -299,8 +296,7 @@ def _matmul_add_to_gemm(graph: gs.Graph, mm: gs.Node, shapes: dict) -> bool:
     x, w_t, out = mm.inputs[0], mm.inputs[1], add.outputs[0]
     c = gs.Constant(unique_name(graph, f"{add.name or 'bias'}_C"), bias_vec)
     for n in (add, mm):
-        n.outputs.clear()
-        n.inputs.clear()
+        detach(n)
     graph.nodes.append(gs.Node("Gemm", name=unique_name(graph, f"{mm.name or 'MatMul'}_gemm"),
                                inputs=[x, w_t, c], outputs=[out]))
     return True
