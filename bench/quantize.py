@@ -99,8 +99,12 @@ def run_quantizer(kind: str, src: Path, dst: Path, calib: Path, timeout: int, me
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def latency_ratio(float_path: Path, q_path: Path, x: np.ndarray, runs: int = 30) -> float:
+def latency_ratio(float_path: Path, q_path: Path, x: np.ndarray, seconds: float = 4.0) -> float:
+    """Median int8 / median float time, runs interleaved; as many runs as fit in about `seconds`
+    (30-1000: a 1 ms model needs hundreds to rise above this VM's scheduling jitter)."""
     from onnxopt.timing import median_latencies
+    t_f, t_q = median_latencies([str(float_path), str(q_path)], {"x": x}, runs=10, threads=2)
+    runs = int(min(1000, max(30, seconds / (t_f + t_q))))
     t_f, t_q = median_latencies([str(float_path), str(q_path)], {"x": x}, runs=runs, threads=2)
     return t_q / t_f
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -47,6 +48,9 @@ class LayerQuant:
     bias_q: np.ndarray | None = None
     bias_scale: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    #: Stored weights only: the weight's shape when `weight_q` is in a blocked layout (one scale per
+    #: block, `weight_scale` broadcasting against it), reshaped back after the Mul.
+    shape: tuple[int, ...] | None = None
 
 
 def weight_axis(node: onnx.NodeProto) -> int:
@@ -73,13 +77,19 @@ def _array_init(name: str, value: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.asarray(value), name)
 
 
-def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[LayerQuant]) -> onnx.ModelProto:
-    """A copy of `model` with Q->DQ on every tensor in `acts` and int8 weights for `layers`.
+def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[LayerQuant],
+              stored: Sequence[LayerQuant] = ()) -> onnx.ModelProto:
+    """A copy of `model` with Q->DQ on every tensor in `acts`, int8 weights for `layers` and int8
+    storage for the float layers in `stored`.
 
     A layer's float weight and bias inputs are replaced by DequantizeLinear of
-    the int8 weight and int32 bias (a float bias stays when `bias_q` is None:
-    weight-only storage); float constants left without a consumer are removed,
-    so only int8 values and scales remain. Q/DQ nodes are
+    the int8 weight and int32 bias (a float bias stays when `bias_q` is None).
+    A stored layer keeps float compute: its weight becomes Cast(int8) -> Mul(scale)
+    (-> Reshape when stored in blocks),
+    which onnxruntime (and OpenVINO) fold back into a float constant when the
+    session loads (DequantizeLinear would not be folded: onnxruntime keeps it
+    for its QDQ fusions and would dequantize every run). Float constants left
+    without a consumer are removed, so only int8 values and scales remain. Q/DQ nodes are
     placed right after the producer so the node list stays topologically
     sorted; every consumer of a quantized tensor reads the dequantized value,
     which lets onnxruntime fuse the producer with its Q.
@@ -114,6 +124,25 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
                 node.input[2] = bb + "_dq"
             else:
                 node.input.append(bb + "_dq")
+
+    for lq in stored:
+        node = by_name[lq.node]
+        replaced.add(node.input[1])
+        base = f"{lq.node}_wstore"
+        scale = np.asarray(lq.weight_scale)
+        if lq.axis is not None and lq.shape is None:
+            shape = [1] * lq.weight_q.ndim
+            shape[lq.axis] = -1
+            scale = scale.reshape(shape)
+        new_inits += [_array_init(base + "_q", lq.weight_q), _array_init(base + "_s", scale)]
+        head += [helper.make_node("Cast", [base + "_q"], [base + "_f"], name=base + "_Cast",
+                                  to=helper.np_dtype_to_tensor_dtype(scale.dtype)),
+                 helper.make_node("Mul", [base + "_f", base + "_s"], [base + "_w"], name=base + "_Mul")]
+        if lq.shape is not None:
+            new_inits.append(_array_init(base + "_shape", np.asarray(lq.shape, np.int64)))
+            head.append(helper.make_node("Reshape", [base + "_w", base + "_shape"], [base + "_r"],
+                                         name=base + "_Reshape"))
+        node.input[1] = base + ("_r" if lq.shape is not None else "_w")
 
     graph_outputs = {o.name for o in g.output}
 

@@ -31,11 +31,13 @@ SQNR_CAP_DB = 200.0
 
 @dataclass
 class Trial:
-    """One candidate change: Q/DQ on the tensors in `acts` and int8 weights for `layers`."""
+    """One candidate change: Q/DQ on the tensors in `acts`, int8 weights for `layers`, and int8
+    storage (float compute) for the layers in `stored`."""
 
     name: str
     acts: dict[str, ActParams] = field(default_factory=dict)
     layers: list[LayerQuant] = field(default_factory=list)
+    stored: list[LayerQuant] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +63,8 @@ def reference_outputs(model: onnx.ModelProto, samples: Sequence[Sample], threads
 
 def _run_trial(task: _Task) -> float:
     model, samples, reference = task.base.get()
-    return output_sqnr(apply_qdq(model, task.trial.acts, task.trial.layers), samples, reference, task.threads)
+    trial = task.trial
+    return output_sqnr(apply_qdq(model, trial.acts, trial.layers, trial.stored), samples, reference, task.threads)
 
 
 def sensitivity(model: onnx.ModelProto, samples: Sequence[Sample], trials: Sequence[Trial],

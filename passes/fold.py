@@ -42,7 +42,18 @@ NEVER_FOLD = {
     "If", "Loop", "Scan",
 }
 GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range"}
+#: A Cast of an (u)int8 constant at least this large to a float type is int8 weight storage.
+INT8_STORAGE_MIN_ELEMENTS = 1024
 STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+def _expands_int8_weight(node: gs.Node) -> bool:
+    """A Cast of a large int8/uint8 constant to a float type: int8 weight storage (as `quantize`
+    writes it) that the runtime expands at load; folding it would undo the compression."""
+    x = node.inputs[0] if node.op == "Cast" and node.inputs else None
+    return (isinstance(x, gs.Constant) and np.dtype(x.dtype) in (np.dtype(np.int8), np.dtype(np.uint8))
+            and int(np.prod(x.shape)) >= INT8_STORAGE_MIN_ELEMENTS
+            and node.attrs.get("to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
 
 
 @register_pass("fold")
@@ -107,7 +118,7 @@ class FoldConstants(Pass):
             if not node.outputs or node.op in NEVER_FOLD or (node.domain or "") not in STANDARD_DOMAINS \
                     or subgraphs_of(node):
                 continue
-            if any(id(t) in owners for t in node.outputs):
+            if any(id(t) in owners for t in node.outputs) or _expands_int8_weight(node):
                 continue
             ready = True
             for t in node.inputs:

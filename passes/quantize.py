@@ -12,14 +12,15 @@ independent and run through the executor in `ctx.settings["executor"]`
 (`onnxopt.sensitivity`; None: in this process), with the same results
 wherever they run; the search for how many layers to keep float stays serial.
 
-With `weight_only=true`, layers left float (slower in int8, or too
-sensitive) still store int8 weights behind a DequantizeLinear on the weight
-alone: a smaller model, but onnxruntime does not constant-fold
-DequantizeLinear in QDQ models, so those weights are dequantized every run and
-the float kernels lose their pre-packed weights. On PP-OCRv4 rec that cost
-1.4x latency and 1.5 points of accuracy (bench/results/quantize.md), so it is
-off by default; when on, it is dropped if it breaks `target_sqnr` or makes
-the whole model slower.
+Layers left float (slower in int8, or too sensitive) still store int8
+weights (`weight_storage=int8`, the default): the weight is written as
+Cast(int8) -> Mul(per-channel scale), which onnxruntime's constant folding
+(and OpenVINO's) turns back into a float constant when the session loads, so
+the file is about 4x smaller there at no cost per run (a DequantizeLinear
+would stay in the graph and run every time). Rounding weights has its own
+error budget, `storage_sqnr`: the layers whose rounded weights cost the most
+SQNR keep float weights until the int8-stored model reaches it, and
+`target_sqnr` then measures the int8 compute layers against that model.
 
 Every decision is reproducible: per-layer and whole-model timings come from
 the disk `TimingCache` ($ONNXOPT_CACHE), keyed by layer shape and by the
@@ -29,6 +30,8 @@ byte-identical output.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -40,15 +43,17 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxopt.calibration import activation_histograms, channel_means
+from onnxopt.errors import UserError
 from onnxopt.graph import export_model, import_model, model_hash
 from onnxopt.kernels.bias_correction import mean_output_shift
 from onnxopt.kernels.bias_guard import bias_safe_weight_scales
-from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequantize, quantize, quantize_bias, quantize_weight_per_channel,
-                                   quantize_weight_per_tensor, scale_zero_point, u8s8_saturates)
+from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequantize, quantize, quantize_bias,
+                                   quantize_weight_blocks, quantize_weight_per_channel, quantize_weight_per_tensor,
+                                   scale_zero_point, u8s8_saturates)
 from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
-from onnxopt.qdq import (MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq, reduction_axes,
-                         single_layer_model, weight_axis)
+from onnxopt.qdq import (MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq, optimized_op_types,
+                         reduction_axes, single_layer_model, weight_axis)
 from onnxopt.registry import register_pass
 from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivity
 from onnxopt.shapes import TensorInfo, infer_tensor_info
@@ -56,6 +61,10 @@ from onnxopt.stats import model_stats, node_macs
 from onnxopt.timing import TimingCache
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+STORAGE = ("int8", "float")
+
+#: Weights smaller than this stay float when stored: two extra nodes cost more than the bytes saved.
+MIN_STORED_ELEMENTS = 1024
 
 
 def cpu_has_vnni() -> bool:
@@ -94,14 +103,20 @@ class Quantize(Pass):
         check_latency: bool = option(True, "time the whole float and int8 models (cached) and back off while slower")
         bias_correction: bool = option(False, "subtract the mean output shift of rounded weights from the bias "
                                               "(off: on PP-OCRv4 rec it lowered all-int8 SQNR 22.7 -> 20.5 dB)")
-        weight_only: bool = option(False, "layers kept float store int8 weights behind a DequantizeLinear "
-                                          "(smaller, but dequantized every run)")
+        weight_storage: str = option("int8", "int8|float: how layers left float store their weights (int8: "
+                                             "Cast->Mul that the runtime folds at load; smaller, same speed)")
+        storage_block: int = option(32, "stored int8 weights get one scale per this many values of an output "
+                                        "channel (0: one per channel)")
+        storage_sqnr: float = option(30.0, "SQNR (dB) against float that int8 weight storage alone must keep; "
+                                           "the weights that cost most stay float until it is met")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = self.options
         if opts.method not in METHODS:
-            from onnxopt.errors import UserError
             raise UserError(f"pass 'quantize': method must be one of {', '.join(METHODS)}, got '{opts.method}'")
+        if opts.weight_storage not in STORAGE:
+            raise UserError(f"pass 'quantize': weight_storage must be one of {', '.join(STORAGE)}, "
+                            f"got '{opts.weight_storage}'")
         data = ctx.require_calibration(self.name)
         weight_bytes = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
                            for t in graph.tensors().values() if isinstance(t, gs.Constant))
@@ -125,6 +140,23 @@ class Quantize(Pass):
         graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
         graph.opset, graph.import_domains = new.opset, new.import_domains
         return PassResult(changed=True, stats=stats, skipped=skipped, details=details)
+
+
+def _fewest_float(limit: int, sqnr_at, target: float) -> int:
+    """The fewest layers (at most `limit`) to keep float so that `sqnr_at(k)` reaches `target`,
+    by bisection (SQNR grows with k); `limit` when even that falls short."""
+    if sqnr_at(0) >= target:
+        return 0
+    if sqnr_at(limit) < target:
+        return limit
+    lo, hi = 0, limit  # sqnr_at(lo) < target <= sqnr_at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if sqnr_at(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -323,11 +355,17 @@ class _Work:
                 bs = np.asarray(bs).reshape(())
         return LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis, bq, bs, notes)
 
-    def weight_only_layer(self, n: onnx.NodeProto) -> LayerQuant:
-        """Int8 weight only (float bias, float compute): storage for a layer kept float."""
+    def stored_layer(self, n: onnx.NodeProto) -> LayerQuant:
+        """Int8 storage for a layer kept float (float bias, float compute): blocks of
+        `storage_block` values per output channel where the layout allows, else per channel
+        (or per tensor)."""
         w = self.consts[n.input[1]]
+        axis = weight_axis(n)
+        blocks = quantize_weight_blocks(w, axis, self.opts.storage_block) if self.opts.storage_block > 1 else None
+        if blocks is not None:
+            q, s = blocks
+            return LayerQuant(n.name, q, s, np.zeros((), np.int8), axis, shape=tuple(w.shape))
         if self.per_channel:
-            axis = weight_axis(n)
             q, s, z = quantize_weight_per_channel(w, axis)
         else:
             axis = None
@@ -370,17 +408,41 @@ class _Work:
         return tensors
 
     def build(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> onnx.ModelProto:
-        """The QDQ model for `layers` (activations from `qdq_tensors`). With the weight-only option on,
-        the other candidate layers keep float compute but store int8 weights."""
-        tensors = self.qdq_tensors(acts, layers)
-        if self.use_weight_only:
-            kept = {lq.node for lq in layers}
-            layers = layers + [lq for name, lq in self.wonly.items() if name not in kept]
-        return apply_qdq(self.model, tensors, layers)
+        """The QDQ model for `layers` (activations from `qdq_tensors`); the stored layers that are not
+        among them keep float compute with int8 weights."""
+        kept = {lq.node for lq in layers}
+        stored = [lq for name, lq in self.store.items() if name not in kept]
+        return apply_qdq(self.model, self.qdq_tensors(acts, layers), layers, stored)
 
-    def output_sqnr(self, model: onnx.ModelProto) -> float:
-        """Mean over the sensitivity samples of the worst output's SQNR (dB) against float."""
-        return output_sqnr(model, self.samples, self.reference)
+    def output_sqnr(self, model: onnx.ModelProto, reference=None) -> float:
+        """Mean over the sensitivity samples of the worst output's SQNR (dB) against `reference`
+        outputs (default: the float model's)."""
+        return output_sqnr(model, self.samples, self.reference if reference is None else reference)
+
+    def choose_storage(self, cands: list[onnx.NodeProto], stats: dict) -> dict[str, LayerQuant]:
+        """The layers that store int8 weights when left float: every weight of at least
+        MIN_STORED_ELEMENTS, less (accuracy-aware) the ones whose rounding costs most, kept float
+        until the stored model alone reaches `storage_sqnr` against float."""
+        store = {n.name: self.stored_layer(n) for n in cands
+                 if self.consts[n.input[1]].ndim >= 2 and self.consts[n.input[1]].size >= MIN_STORED_ELEMENTS}
+        if not store or not self.opts.accuracy_aware:
+            return store
+        trials = [Trial(name, stored=[lq]) for name, lq in store.items()]
+        sens = sensitivity(self.model, self.samples, trials, self.executor, reference=self.reference)
+        for name, v in sens.items():
+            self.rows[name]["storage_sqnr_db"] = round(v, 2)
+        order = sorted(store, key=lambda k: sens[k])
+
+        @functools.lru_cache(maxsize=None)
+        def sqnr_at(k: int) -> float:
+            return self.output_sqnr(apply_qdq(self.model, {}, [], [store[name] for name in order[k:]])) \
+                if k < len(order) else float("inf")
+
+        k = _fewest_float(len(order), sqnr_at, self.opts.storage_sqnr)
+        stats["sqnr_storage_db"] = round(sqnr_at(k), 2)
+        for name in order[:k]:
+            self.rows[name]["weight_storage"] = f"float (rounding alone {sens[name]:.1f} dB)"
+        return {name: store[name] for name in order[k:]}
 
     def layer_sensitivity(self, acts: dict[str, ActParams], layers: dict[str, LayerQuant], names: list[str]
                           ) -> dict[str, float]:
@@ -391,20 +453,14 @@ class _Work:
 
     def never_slower(self, acts, layers, kept, final, stats):
         """Time the whole float and int8 models; while int8 is slower keep only layers with larger
-        per-layer gains (ratio thresholds 0.8, 0.6), and give up (float model) if it stays slower.
+        per-layer gains (ratio thresholds 0.8, 0.6), and give up on int8 compute if it stays
+        slower (int8 storage alone remains: it is folded at load, see `storage_folds`).
 
         Timings are cached by the content hash of both models, so with a warm cache the same
         choice is made again and the output is byte-identical."""
         ratio = 1.0
-        tries = [None, None, 0.8, 0.6] if self.use_weight_only else [None, 0.8, 0.6]
-        for i, limit in enumerate(tries):
-            if i == 1 and self.use_weight_only:
-                self.use_weight_only = False
-                self.notes.append("int8 weights on float layers made the model slower: dropped")
-                final = self.build(acts, [layers[k] for k in kept]) if kept else self.model
-                if final is self.model:
-                    break
-            elif limit is not None:
+        for limit in (None, 0.8, 0.6):
+            if limit is not None:
                 kept = [k for k in kept if (self.rows[k].get("int8_latency_ratio") or 1.0) < limit]
                 for name in set(layers) - set(kept):
                     if self.rows[name].get("why") is None:
@@ -419,11 +475,16 @@ class _Work:
             if ratio <= 1.0:
                 stats["latency_ratio"] = round(ratio, 3)
                 return final, kept
-        self.notes.append(f"int8 model stayed slower than float ({ratio:.2f}x): left float")
+        self.notes.append(f"int8 compute stayed slower than float ({ratio:.2f}x): left float")
         for name in kept:
             self.rows[name].update(int8=False, why="whole model slower in int8")
-        self.use_weight_only = False
-        return self.model, []
+        return (self.build(acts, []) if self.store else self.model), []
+
+    def storage_folds(self) -> bool:
+        """Whether onnxruntime folds the int8-stored weights back into constants at load: its
+        optimized graph of the stored model has the same node types as the float model's."""
+        stored = apply_qdq(self.model, {}, [], list(self.store.values()))
+        return collections.Counter(optimized_op_types(stored)) == collections.Counter(optimized_op_types(self.model))
 
     # ---- the pass -------------------------------------------------------------------------------
     def run(self):
@@ -458,8 +519,6 @@ class _Work:
             if lq.notes:
                 row["notes"] = lq.notes
             layers[n.name] = lq
-        self.wonly = {n.name: self.weight_only_layer(n) for n in cands}
-        self.use_weight_only = self.opts.weight_only
         self.timing = TimingCache("quantize")
         if self.opts.latency_aware:
             cache = self.timing
@@ -473,61 +532,48 @@ class _Work:
                     del layers[name]
         self.samples = [s for _, s in zip(range(max(1, self.opts.sensitivity_samples)), self.data)]
         self.reference = reference_outputs(self.model, self.samples)
+        self.store: dict[str, LayerQuant] = {}
+        if self.opts.weight_storage == "int8":
+            self.store = self.choose_storage(cands, stats)
+            if self.store and not self.storage_folds():
+                self.notes.append("onnxruntime does not fold the int8-stored weights at load here: float weights kept")
+                self.store = {}
+        # int8 compute is judged against the int8-stored model: weight storage has its own budget
+        compute_ref = reference_outputs(self.build(acts, []), self.samples) if self.store else self.reference
         kept = list(layers)
         if self.opts.accuracy_aware and layers:
-            if self.use_weight_only:
-                sqnr_wo = self.output_sqnr(self.build(acts, []))
-                stats["sqnr_weight_only_db"] = round(sqnr_wo, 2)
-                if sqnr_wo < self.opts.target_sqnr:
-                    self.use_weight_only = False
-                    self.notes.append(f"int8 weights alone give {sqnr_wo:.1f} dB < target_sqnr: float layers "
-                                      "keep float weights")
             sens = self.layer_sensitivity(acts, layers, kept)
             for name in kept:
                 self.rows[name]["sensitivity_sqnr_db"] = round(sens[name], 2)
             order = sorted(kept, key=lambda k: sens[k])
             limit = len(order) if self.opts.max_float_layers < 0 else min(self.opts.max_float_layers, len(order))
-            memo: dict[int, float] = {}
 
+            @functools.lru_cache(maxsize=None)
             def sqnr_with_float(k: int) -> float:
-                if k not in memo:
-                    memo[k] = self.output_sqnr(self.build(acts, [layers[x] for x in order[k:]])) \
-                        if k < len(order) else float("inf")
-                return memo[k]
+                return self.output_sqnr(self.build(acts, [layers[x] for x in order[k:]]), compute_ref) \
+                    if k < len(order) else float("inf")
 
-            if sqnr_with_float(0) >= self.opts.target_sqnr:
-                k = 0
-            elif sqnr_with_float(limit) < self.opts.target_sqnr:
-                k = limit
-            else:
-                lo, hi = 0, limit  # sqnr(lo) < target <= sqnr(hi)
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if sqnr_with_float(mid) >= self.opts.target_sqnr:
-                        hi = mid
-                    else:
-                        lo = mid
-                k = hi
+            k = _fewest_float(limit, sqnr_with_float, self.opts.target_sqnr)
             for name in order[:k]:
                 self.rows[name].update(int8=False, why=f"sensitive (alone {sens[name]:.1f} dB)")
             kept = order[k:]
             stats["sqnr_all_int8_db"] = round(sqnr_with_float(0), 2)
-        final = self.build(acts, [layers[k] for k in kept]) if kept or self.use_weight_only else self.model
-        if final is not self.model and self.opts.check_latency:
+        final = self.build(acts, [layers[k] for k in kept]) if kept or self.store else self.model
+        if kept and self.opts.check_latency:
             final, kept = self.never_slower(acts, layers, kept, final, stats)
         for name in kept:
             self.rows[name].update(int8=True, why="faster and accurate enough" if self.opts.latency_aware
                                    else "quantized")
-        for name in self.wonly:
-            if name not in kept and self.use_weight_only:
-                self.rows[name]["weight_only_int8"] = True
+        stored = [name for name in self.store if name not in kept]
+        for name in stored:
+            self.rows[name]["weight_storage"] = "int8"
         total = sum(int(macs.get(n.name) or 0) for n in cands) or 1
         all_macs = sum(int(v or 0) for k, v in macs.items()
                        if k in self.nodes and self.nodes[k].op_type in MAC_OPS) or 1
         int8_macs = sum(int(macs.get(k) or 0) for k in kept)
         stats.update(int8_layers=len(kept), float_layers=len(cands) - len(kept),
                      int8_mac_share=round(int8_macs / all_macs, 4), int8_candidate_mac_share=round(int8_macs / total, 4))
-        stats["weight_only_layers"] = sum(1 for n in self.wonly if n not in kept) if self.use_weight_only else 0
+        stats["int8_stored_layers"] = len(stored)
         if final is not self.model:
             stats["output_sqnr_db"] = round(self.output_sqnr(final), 2)
         return final, list(self.rows.values()), stats, self.skipped

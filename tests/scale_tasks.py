@@ -92,5 +92,6 @@ def quantize_sensitivity(model: onnx.ModelProto, samples: list, executor: Any, t
     finally:
         quantize.sensitivity = real
     rows = next(p for p in res.report["passes"] if p.get("name", p.get("pass")) == "quantize")["details"]
-    assert len(seen) == 1
-    return seen[0], [(r["node"], r["int8"], r["why"]) for r in rows], res.model.SerializeToString()
+    assert len(seen) == 2  # storage trials (w2 has >= 1024 weights), then int8 compute trials
+    sens = {f"{k} (storage)": v for k, v in seen[0].items()} | seen[1]
+    return sens, [(r["node"], r["int8"], r["why"]) for r in rows], res.model.SerializeToString()

@@ -87,6 +87,29 @@ def test_random_quantize_and_unknown_domain_ops_are_never_folded():
     assert "RandomNormal" in kinds and "Custom" in kinds
 
 
+def test_int8_weight_storage_is_not_expanded_but_small_int8_casts_fold():
+    """Cast(int8 weight) -> Mul(scale) is quantize's int8 storage: folding it would make the file 4x
+    bigger again. A small int8 constant (under 1024 values) still folds."""
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.integers(-127, 128, (64, 32)).astype(np.int8), "wq")
+    small = numpy_helper.from_array(rng.integers(-127, 128, (32,)).astype(np.int8), "bq")
+    scale = numpy_helper.from_array(np.full((1, 32), 0.01, np.float32), "s")
+    nodes = [helper.make_node("Cast", ["wq"], ["wf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", ["wf", "s"], ["w"]),
+             helper.make_node("Cast", ["bq"], ["b"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])], [big, small, scale])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out = fold(m)
+    assert ops(out).count("Cast") == 1 and "Mul" in ops(out)
+    assert {i.name: i.data_type for i in out.graph.initializer}["wq"] == onnx.TensorProto.INT8
+    x = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(out, x)[0], run_model(m, x)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_generator_above_size_limit_is_kept_and_reported_but_what_follows_still_folds():
     m = parse("""
     <ir_version: 8, opset_import: ["" : 15]>

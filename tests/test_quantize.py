@@ -257,25 +257,55 @@ def test_output_is_byte_identical_across_processes_given_the_cache(tmp_path):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
-def test_weight_only_option_stores_int8_weights_for_float_layers(monkeypatch):
-    """Convs kept float (int8 slower) keep float compute but int8 weights; no float weight stays behind."""
+def test_float_layers_store_int8_weights_that_onnxruntime_folds_at_load(monkeypatch):
+    """Convs kept float (int8 slower) keep float compute but store int8 weights (Cast -> Mul), which
+    onnxruntime folds at load: its optimized graph has no Cast/Mul; weight_storage=float keeps them."""
     from onnxopt import timing
 
     def fake(self, key, models, feeds, runs=20):
         return [1.0, 2.0] if '"Conv"' in key else [2.0, 1.0]
     monkeypatch.setattr(timing.TimingCache, "measure", fake)
-    for weight_only in (False, True):
-        res = _quantize(_net(), accuracy_aware=False, check_latency=False, weight_only=str(weight_only).lower())
+    for storage in ("float", "int8"):
+        res = _quantize(_net(), accuracy_aware=False, check_latency=False, weight_storage=storage)
         g = res.model.graph
         inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         assert not any(k in inits for k in ("M", "G")), "a quantized layer's float weight remains"
-        assert ("W1" in inits and "W2" in inits) != weight_only
+        assert ("W1" in inits and "W2" in inits) == (storage == "float")
+        stored = [k for k, v in inits.items() if k.endswith("_wstore_q")]
+        assert len(stored) == (2 if storage == "int8" else 0)
+        assert all(inits[k].dtype == np.int8 for k in stored)
         ops = collections.Counter(optimized_op_types(res.model))
-        assert ops["QLinearConv"] == 0 and ops["QGemm"] == 1
+        assert ops["QLinearConv"] == 0 and ops["QGemm"] == 1 and ops["Cast"] == 0 and ops["Mul"] == 0
         rows = [r for r in _pass_report(res)["details"] if r["op"] == "Conv"]
-        assert all(not r["int8"] and r.get("weight_only_int8", False) == weight_only for r in rows)
-    x = _data(1, seed=5)[0]
-    assert sqnr_db(make_session(_net()).run(None, x)[0], make_session(res.model).run(None, x)[0]) > 20
+        assert all(not r["int8"] and (r.get("weight_storage") == "int8") == (storage == "int8") for r in rows)
+        x = _data(1, seed=5)[0]
+        assert sqnr_db(make_session(_net()).run(None, x)[0], make_session(res.model).run(None, x)[0]) > 20
+
+
+def test_storage_sqnr_keeps_the_weights_whose_rounding_costs_most_float(monkeypatch):
+    """An unreachable storage budget keeps every weight float and says why; a loose one stores all
+    but G (960 weights: under MIN_STORED_ELEMENTS, not worth two nodes)."""
+    from onnxopt import timing
+    monkeypatch.setattr(timing.TimingCache, "measure",
+                        lambda self, key, models, feeds, runs=20: [1.0, 2.0])  # int8 never faster
+    strict = _quantize(_net(), check_latency=False, storage_sqnr=150)
+    rows = {r["node"]: r for r in _pass_report(strict)["details"]}
+    gemm = next(k for k, r in rows.items() if r["op"] == "Gemm")
+    assert "weight_storage" not in rows.pop(gemm)
+    assert len(rows) == 3 and all(r["weight_storage"].startswith("float (rounding alone") for r in rows.values())
+    assert {"W1", "W2", "M", "G"} <= {i.name for i in strict.model.graph.initializer}
+    loose = _quantize(_net(), check_latency=False, storage_sqnr=10)
+    rows = {r["node"]: r for r in _pass_report(loose)["details"]}
+    rows.pop(gemm)
+    assert all(r.get("weight_storage") == "int8" and r["storage_sqnr_db"] > 10 for r in rows.values())
+    stats = _pass_report(loose)["stats"]
+    assert stats["int8_stored_layers"] == 3 and stats["sqnr_storage_db"] >= 10
+
+
+def test_unknown_weight_storage_is_a_user_error():
+    from onnxopt.errors import UserError
+    with pytest.raises(UserError, match="weight_storage must be one of int8, float"):
+        _quantize(_net(), weight_storage="int4")
 
 
 def test_bias_correction_gives_bias_less_convs_an_int32_bias():

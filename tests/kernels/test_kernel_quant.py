@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxopt.kernels.quant import (
+    block_layout,
+    quantize_weight_blocks,
     BiasQuantizationError,
     dequantize,
     qrange,
@@ -160,3 +162,33 @@ def test_reduce_range_weights_never_saturate_but_full_range_can():
     assert not u8s8_saturates(q7, (1, 2, 3))
     assert u8s8_saturates(q8, (1, 2, 3))
     assert not u8s8_saturates(np.full((3, 5), -64, dtype=np.int8), 1)
+
+
+@pytest.mark.parametrize("shape,axis,layout", [
+    ((480, 240, 1, 1), 0, ((480, 15, 16), 2)),    # 240 is not a multiple of 32: blocks of 16
+    ((64, 32, 3, 3), 0, ((64, 9, 32), 2)),
+    ((256, 96), 1, ((8, 32, 96), 1)),             # MatMul [K, N]: blocks along K
+    ((120, 6625), 1, None),                       # 120 = 8 * 15: blocks of 8 would cost more than they save
+    ((16, 1, 3, 3), 0, None),                     # reduction of 9
+    ((4, 5, 3, 3), 1, None),                      # ConvTranspose layout
+    ((64,), 0, None),
+])
+def test_block_layout(shape, axis, layout):
+    assert block_layout(shape, axis, 32) == layout
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 4), st.sampled_from([0, 1]), st.integers(0, 2**31 - 1))
+def test_block_weights_round_trip_within_half_a_step_and_beat_per_channel(o, k, axis, seed):
+    rng = np.random.default_rng(seed)
+    shape = (o * 8, 32 * k) if axis == 0 else (32 * k, o * 8)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w.flat[rng.integers(w.size)] *= 20  # an outlier widens only its own block's step
+    q, s = quantize_weight_blocks(w, axis, 32)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 127
+    back = (q.astype(np.float32) * s).reshape(shape)
+    step = np.broadcast_to(s, q.shape).reshape(shape)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    qc, sc, _ = quantize_weight_per_channel(w, axis)
+    per_channel = dequantize(qc, sc, 0, axis=axis)
+    assert np.sum((back - w) ** 2) <= np.sum((per_channel - w) ** 2) + 1e-9
