@@ -27,6 +27,10 @@ MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: so onnxruntime can drop the Q/DQ around them and run them on integers.
 PASS_THROUGH_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
 
+#: Weights of fewer values stay float rather than int8-stored (two extra nodes cost more than the
+#: bytes saved); a Cast of an (u)int8 constant at least this large to float is such storage.
+INT8_STORAGE_MIN_ELEMENTS = 1024
+
 
 @dataclass
 class ActParams:

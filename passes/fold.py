@@ -29,6 +29,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxopt.graph import (cleanup, constant_value, detach, export_structure, iter_graphs, model_opsets,
                            output_owners, replace_all_uses, subgraphs_of, toposort, unique_name)
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
+from onnxopt.qdq import INT8_STORAGE_MIN_ELEMENTS
 from onnxopt.registry import register_pass
 from onnxopt.runtime import session_options
 from onnxopt.shape_values import evaluate as evaluate_shape_values
@@ -42,8 +43,6 @@ NEVER_FOLD = {
     "If", "Loop", "Scan",
 }
 GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range"}
-#: A Cast of an (u)int8 constant at least this large to a float type is int8 weight storage.
-INT8_STORAGE_MIN_ELEMENTS = 1024
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 

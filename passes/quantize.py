@@ -14,7 +14,8 @@ wherever they run; the search for how many layers to keep float stays serial.
 
 Layers left float (slower in int8, or too sensitive) still store int8
 weights (`weight_storage=int8`, the default): the weight is written as
-Cast(int8) -> Mul(per-channel scale), which onnxruntime's constant folding
+Cast(int8) -> Mul(scales) [-> Reshape], one scale per block of `storage_block`
+values of an output channel, which onnxruntime's constant folding
 (and OpenVINO's) turns back into a float constant when the session loads, so
 the file is about 4x smaller there at no cost per run (a DequantizeLinear
 would stay in the graph and run every time). Rounding weights has its own
@@ -52,8 +53,8 @@ from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequan
                                    scale_zero_point, u8s8_saturates)
 from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
-from onnxopt.qdq import (MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq, optimized_op_types,
-                         reduction_axes, single_layer_model, weight_axis)
+from onnxopt.qdq import (INT8_STORAGE_MIN_ELEMENTS, MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq,
+                         optimized_op_types, reduction_axes, single_layer_model, weight_axis)
 from onnxopt.registry import register_pass
 from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivity
 from onnxopt.shapes import TensorInfo, infer_tensor_info
@@ -62,9 +63,6 @@ from onnxopt.timing import TimingCache
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 STORAGE = ("int8", "float")
-
-#: Weights smaller than this stay float when stored: two extra nodes cost more than the bytes saved.
-MIN_STORED_ELEMENTS = 1024
 
 
 def cpu_has_vnni() -> bool:
@@ -421,10 +419,10 @@ class _Work:
 
     def choose_storage(self, cands: list[onnx.NodeProto], stats: dict) -> dict[str, LayerQuant]:
         """The layers that store int8 weights when left float: every weight of at least
-        MIN_STORED_ELEMENTS, less (accuracy-aware) the ones whose rounding costs most, kept float
+        INT8_STORAGE_MIN_ELEMENTS, less (accuracy-aware) the ones whose rounding costs most, kept float
         until the stored model alone reaches `storage_sqnr` against float."""
         store = {n.name: self.stored_layer(n) for n in cands
-                 if self.consts[n.input[1]].ndim >= 2 and self.consts[n.input[1]].size >= MIN_STORED_ELEMENTS}
+                 if self.consts[n.input[1]].ndim >= 2 and self.consts[n.input[1]].size >= INT8_STORAGE_MIN_ELEMENTS}
         if not store or not self.opts.accuracy_aware:
             return store
         trials = [Trial(name, stored=[lq]) for name, lq in store.items()]
@@ -480,10 +478,9 @@ class _Work:
             self.rows[name].update(int8=False, why="whole model slower in int8")
         return (self.build(acts, []) if self.store else self.model), []
 
-    def storage_folds(self) -> bool:
-        """Whether onnxruntime folds the int8-stored weights back into constants at load: its
-        optimized graph of the stored model has the same node types as the float model's."""
-        stored = apply_qdq(self.model, {}, [], list(self.store.values()))
+    def storage_folds(self, stored: onnx.ModelProto) -> bool:
+        """Whether onnxruntime folds the int8-stored weights of `stored` back into constants at load:
+        its optimized graph has the same node types as the float model's."""
         return collections.Counter(optimized_op_types(stored)) == collections.Counter(optimized_op_types(self.model))
 
     # ---- the pass -------------------------------------------------------------------------------
@@ -533,13 +530,15 @@ class _Work:
         self.samples = [s for _, s in zip(range(max(1, self.opts.sensitivity_samples)), self.data)]
         self.reference = reference_outputs(self.model, self.samples)
         self.store: dict[str, LayerQuant] = {}
+        compute_ref = self.reference
         if self.opts.weight_storage == "int8":
             self.store = self.choose_storage(cands, stats)
-            if self.store and not self.storage_folds():
+            stored_only = self.build(acts, []) if self.store else self.model
+            if self.store and not self.storage_folds(stored_only):
                 self.notes.append("onnxruntime does not fold the int8-stored weights at load here: float weights kept")
                 self.store = {}
-        # int8 compute is judged against the int8-stored model: weight storage has its own budget
-        compute_ref = reference_outputs(self.build(acts, []), self.samples) if self.store else self.reference
+            elif self.store:  # int8 compute is judged against the int8-stored model: storage has its own budget
+                compute_ref = reference_outputs(stored_only, self.samples)
         kept = list(layers)
         if self.opts.accuracy_aware and layers:
             sens = self.layer_sensitivity(acts, layers, kept)
