@@ -19,14 +19,13 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxopt.data import Sample
 from onnxopt.graph import model_hash
 from onnxopt.kernels.bias_correction import ChannelMeanObserver
 from onnxopt.kernels.observers import HistogramObserver
 from onnxopt.progress import progress
-from onnxopt.runtime import session_options
+from onnxopt.runtime import make_session, session_options
 from onnxopt.shapes import infer_tensor_info
 
 
@@ -72,8 +71,7 @@ def observe(model: onnx.ModelProto, samples: Iterable[Sample], tensors: list[str
         so = session_options(threads, optimize=False)
         # idle onnxruntime threads would spin against the updater thread for the same cores
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(with_outputs(model, group).SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
+        sess = make_session(with_outputs(model, group), so=so)
         names = list(dict.fromkeys(group + [o for o in graph_outputs if o in observers]))
         label = desc if len(groups) == 1 else f"{desc} ({gi + 1}/{len(groups)})"
         with ThreadPoolExecutor(max_workers=1) as pool:

@@ -13,9 +13,12 @@ import hashlib
 from collections import deque
 from typing import Iterator
 
-import onnx
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxopt import weights
 
 #: Model-level fields restored on export (gs keeps only the graph).
 _KEEP_FIELDS = ("producer_name", "producer_version", "domain", "model_version", "doc_string")
@@ -24,6 +27,7 @@ _KEEP_FIELDS = ("producer_name", "producer_version", "domain", "model_version", 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """Build a gs.Graph from a ModelProto, remembering model-level fields for export."""
     graph = gs.import_onnx(_stash_type_attributes(model))
+    graph._onnxopt_mapped = _map_external_constants(graph)
     name_unnamed_nodes(graph)
     graph._onnxopt_model_fields = {f: getattr(model, f) for f in _KEEP_FIELDS}
     graph._onnxopt_metadata = [(p.key, p.value) for p in model.metadata_props]
@@ -31,6 +35,26 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     graph._onnxopt_functions = list(model.functions)
     graph._onnxopt_io_types = _unexportable_io_types(model.graph)
     return graph
+
+
+class MappedValues(LazyValues):
+    """gs lazy values of a staged external tensor: loading memory-maps the file (`onnxopt.weights`)
+    instead of reading it into the TensorProto and copying it twice, as gs's own loader would."""
+
+    def load(self) -> np.ndarray:
+        return weights.mapped(self.tensor)
+
+
+def _map_external_constants(graph: gs.Graph) -> bool:
+    """Give every constant whose tensor is staged on disk `MappedValues`; True if there was one."""
+    found = False
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            v = getattr(t, "_values", None)
+            if isinstance(t, gs.Constant) and isinstance(v, LazyValues) and weights.is_external(v.tensor):
+                t._values = MappedValues(v.tensor)
+                found = True
+    return found
 
 
 #: Value types onnx-graphsurgeon can export; graph inputs/outputs of other types (optional, map) are restored on export.
@@ -168,8 +192,15 @@ def export_model(graph: gs.Graph, sort: bool = True, into: onnx.ModelProto | Non
     """
     if sort:
         toposort(graph)
+    if into is None and getattr(graph, "_onnxopt_mapped", False):
+        into = onnx.ModelProto()  # weights staged on disk stay there; big new ones are spilled beside them
     if into is not None:
         return _export_into(graph, into)
+    return _gs_export(graph)
+
+
+def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
+    """onnx-graphsurgeon's export plus what it drops (model fields, metadata, IR version, functions)."""
     with _gs_exportable(graph):
         model = gs.export_onnx(graph, do_type_check=False)
     _finish_export(graph, model.graph)
@@ -193,8 +224,6 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
     source proto drops the initializers no longer used, then each new constant's
     bytes are written straight into it.
     """
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
     owned = {id(t) for t in into.graph.initializer}
     consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
     values = {id(t): t._values for t in consts}
@@ -204,7 +233,7 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
         t.to_variable(dtype=t.dtype, shape=t.shape)
         t.type = "tensor_type"
     try:
-        model = export_model(graph, sort=False)
+        model = _gs_export(graph)
     finally:
         for t in consts:
             t.to_constant(values[id(t)])
@@ -220,10 +249,11 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
     g.output.extend(model.graph.output)
     g.value_info.extend(v for v in model.graph.value_info if v.name not in names)
     g.sparse_initializer.extend(model.graph.sparse_initializer)
+    spilling = getattr(graph, "_onnxopt_mapped", False)
     for t in consts:
         v = values[id(t)]
         if not (isinstance(v, LazyValues) and id(v.tensor) in keep):
-            _write_constant(g.initializer.add(), t)
+            _write_constant(g.initializer.add(), t, spilling)
     g.name, g.doc_string = model.graph.name, model.graph.doc_string
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(into, f, getattr(model, f))
@@ -233,13 +263,57 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
     return into
 
 
-def _write_constant(proto: onnx.TensorProto, t: gs.Constant) -> None:
-    """Fill `proto` with constant `t`, copying its bytes once (raw data when the dtype allows)."""
+def _stage_constant(t: gs.Constant) -> onnx.TensorProto:
+    """Spill constant `t`'s array to the staging directory and let `t` map it from there: the array
+    leaves memory and every later export refers to the file. Returns the staged tensor."""
+    proto = onnx.TensorProto(name=t.name)
+    weights.spill(t.values, proto)
+    t._values = MappedValues(proto)
+    return proto
+
+
+def new_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
+    """A constant for a weight a pass computed. In a graph whose weights are staged on disk (big
+    models, `onnxopt.weights`) a large one is spilled there at once, so a pass rewriting many
+    weights holds one new weight at a time, not all of them until export."""
+    c = gs.Constant(name, values)
+    if getattr(graph, "_onnxopt_mapped", False) and values.dtype.kind in "biuf" \
+            and values.nbytes >= weights.SPILL_BYTES:
+        _stage_constant(c)
+    return c
+
+
+def stage_new_constants(graph: gs.Graph) -> None:
+    """In a graph whose weights are staged on disk, spill every large in-memory constant (the
+    manager calls it after each pass, for passes that create constants another way)."""
+    if not getattr(graph, "_onnxopt_mapped", False):
+        return
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            v = getattr(t, "_values", None)
+            if isinstance(t, gs.Constant) and isinstance(v, np.ndarray) and v.dtype.kind in "biuf" \
+                    and v.nbytes >= weights.SPILL_BYTES and getattr(t, "_export_dtype", None) in (None, v.dtype):
+                _stage_constant(t)
+
+
+def _write_constant(proto: onnx.TensorProto, t: gs.Constant, spilling: bool = False) -> None:
+    """Fill `proto` with constant `t`: a still-lazy tensor is copied as stored (staged ones by
+    reference); an array's bytes are copied once, or with `spilling` written to the staging
+    directory when at least `SPILL_BYTES` (the model is memory-mapped, see `onnxopt.weights`)."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-    arr = t.values
-    if getattr(t, "export_dtype", None) is None and arr.dtype.kind in "biuf":
+    if isinstance(t._values, LazyValues):
+        proto.CopyFrom(t._values.tensor)
         proto.name = t.name
+        return
+    arr = t.values
+    exported = getattr(t, "_export_dtype", None)  # set when gs is to convert the values on export
+    if (exported is None or (not isinstance(exported, int) and np.dtype(exported) == arr.dtype)) \
+            and arr.dtype.kind in "biuf":
+        proto.name = t.name
+        if spilling and arr.nbytes >= weights.SPILL_BYTES:
+            proto.CopyFrom(_stage_constant(t))
+            return
         proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
         proto.dims.extend(arr.shape)
         proto.raw_data = np.ascontiguousarray(arr).tobytes()

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import CheckFailed
-from onnxopt.graph import cleanup, export_model, export_structure, import_model
+from onnxopt.graph import cleanup, export_model, export_structure, import_model, stage_new_constants
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.stats import model_stats
 
@@ -70,6 +70,7 @@ class PassManager:
                 raise TypeError(f"pass '{p.name}' returned {type(result).__name__}, expected PassResult")
             if result.changed:
                 cleanup(graph)
+                stage_new_constants(graph)
                 self.ctx.invalidate()
             seconds = time.perf_counter() - t0
             rec = PassRecord(p.name, _options_dict(p), seconds, result.changed, result.stats, result.skipped,

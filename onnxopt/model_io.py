@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
+from onnxopt import weights
 from onnxopt.errors import UserError
 
 TWO_GB = 2**31
@@ -37,21 +38,49 @@ def load_model(path: str | os.PathLike, load_external: bool = True) -> onnx.Mode
     if not model.opset_import:
         raise UserError(f"{p}: model declares no opset_import; re-export it with an opset")
     if load_external and uses_external_data(model):
-        base = str(p.resolve().parent)
-        for t in _external_tensors(model):
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc is None or not (Path(base) / loc).exists():
-                raise UserError(f"{p}: external data file '{loc}' for tensor '{t.name}' is missing next to the model")
-        try:
-            onnx.load_external_data_for_model(model, base)
-        except Exception as exc:  # truncated or unreadable data file
-            raise UserError(f"{p}: cannot read external data ({exc})") from None
+        _attach_external_data(model, p)
     try:
         onnx.checker.check_model(structure_only(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise UserError(f"{p}: not a valid ONNX model: {first}") from None
     return model
+
+
+def _attach_external_data(model: onnx.ModelProto, p: Path) -> None:
+    """Check the model's external data files, then read them in, or stage them when they are big.
+
+    Above `weights.MAP_EXTERNAL_BYTES` the weights stay on disk (memory-mapped on
+    use, see `onnxopt.weights`), so a model of any size is never held whole in memory.
+    Only main-graph initializers are staged; a model keeping Constant-node or
+    subgraph data externally is read in.
+    """
+    base = p.resolve().parent
+    tensors = _external_tensors(model)
+    sizes: dict[str, int] = {}
+    total = 0
+    for t in tensors:
+        loc, offset, _ = weights.external_info(t)
+        f = base / loc
+        if not loc or not f.is_file():
+            raise UserError(f"{p}: external data file '{loc}' for tensor '{t.name}' is missing next to the model")
+        size = sizes.setdefault(loc, f.stat().st_size)
+        n = weights.external_nbytes(t)
+        if offset + n > size:
+            raise UserError(f"{p}: external data file '{loc}' is truncated: tensor '{t.name}' needs bytes "
+                            f"{offset}..{offset + n}, the file has {size}")
+        total += n
+    initializers = {id(t) for t in model.graph.initializer}
+    if total >= weights.MAP_EXTERNAL_BYTES and all(id(t) in initializers for t in tensors):
+        staged = {loc: weights.stage_file(base / loc) for loc in sizes}
+        for t in tensors:
+            loc, offset, _ = weights.external_info(t)
+            weights.set_external(t, staged[loc], offset, weights.external_nbytes(t))
+        return
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except Exception as exc:  # unreadable data file
+        raise UserError(f"{p}: cannot read external data ({exc})") from None
 
 
 def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -85,10 +114,11 @@ def fits_in_protobuf(model: onnx.ModelProto) -> bool:
 
 
 def model_nbytes(model: onnx.ModelProto) -> int:
-    """Bytes of all initializer data (in memory), without serializing the model."""
+    """Bytes of all tensor data (in memory or staged on disk), without serializing the model."""
     from onnx.external_data_helper import _get_all_tensors
 
-    return sum(len(t.raw_data) for t in _get_all_tensors(model))
+    return sum(weights.external_nbytes(t) if weights.is_external(t) else len(t.raw_data)
+               for t in _get_all_tensors(model))
 
 
 def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
@@ -114,12 +144,15 @@ _MODEL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "m
 _GRAPH_FIELDS = ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation")
 
 
-def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
-    """Write `model` with its large initializers in `data_path`, without changing or copying `model`.
+def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, location: str,
+                   copy_staged: bool = True) -> None:
+    """Write `model` with its large tensors in `data_path`, without changing or copying `model`.
 
     A weight-free skeleton of the model is built field by field; each large
-    tensor's bytes go straight to the data file (one tensor in memory at a time),
-    so saving a model over 2 GB costs no second copy of its weights.
+    in-memory tensor's bytes go straight to the data file (one tensor at a time),
+    and staged tensors (`onnxopt.weights`) are copied file to file, or with
+    `copy_staged=False` left pointing at the staging directory (session models
+    written there). Tensors start at page boundaries, so the file can be mapped.
     """
     from onnx import numpy_helper
 
@@ -135,21 +168,24 @@ def _write_with_external_data(model: onnx.ModelProto, model_path: Path, data_pat
         getattr(g, f).extend(getattr(src, f))
     with open(data_path, "wb") as data:
         for t in src.initializer:
+            if weights.is_external(t):
+                if not copy_staged:
+                    g.initializer.append(t)
+                    continue
+                offset = weights.copy_range(t, data)
+                ext = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+                weights.set_external(ext, location, offset, weights.external_nbytes(t))
+                continue
             raw = t.raw_data if t.HasField("raw_data") else None
-            if raw is None and t.data_type != onnx.TensorProto.STRING and not t.external_data:
+            if raw is None and t.data_type != onnx.TensorProto.STRING:
                 raw = numpy_helper.to_array(t).tobytes() if _tensor_elems(t) * 4 >= EXTERNAL_THRESHOLD else None
             if raw is None or len(raw) < EXTERNAL_THRESHOLD:
                 g.initializer.append(t)
                 continue
-            offset = data.tell()
-            pad = (-offset) % 4096  # page-aligned, so the data file can be memory-mapped
-            data.write(b"\0" * pad)
-            offset += pad
+            offset = weights.pad_to_page(data)
             data.write(raw)
             ext = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
-            ext.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                ext.external_data.add(key=key, value=value)
+            weights.set_external(ext, location, offset, len(raw))
             del raw
     with open(model_path, "wb") as f:
         f.write(skeleton.SerializeToString(deterministic=True))
@@ -163,12 +199,15 @@ def _tensor_elems(t: onnx.TensorProto) -> int:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write `model` atomically; external data when asked or when the model exceeds 2 GB.
+    """Write `model` atomically; external data when asked, when the model exceeds 2 GB, or when its
+    weights are staged on disk (big models, `onnxopt.weights`).
 
     The external data file is named `<model file name>.data` beside the model.
     """
     out = check_output_path(path)
-    if external_data is None:
+    if weights.has_external(model):  # staged weights (onnxopt.weights) go file to file, never back into memory
+        external_data = True
+    elif external_data is None:
         external_data = model_nbytes(model) >= TWO_GB - 2**26
     parent = out.resolve().parent
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=parent))
@@ -176,7 +215,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         tmp_model = tmpdir / out.name
         data_name = out.name + ".data"
         if external_data:
-            _write_with_external_data(model, tmp_model, tmpdir / data_name, data_name)
+            write_external(model, tmp_model, tmpdir / data_name, data_name)
             os.replace(tmpdir / data_name, parent / data_name)
         else:
             with open(tmp_model, "wb") as f:

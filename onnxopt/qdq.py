@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.runtime import session_options
+from onnxopt import weights
+from onnxopt.runtime import make_session, session_options
 
 #: Ops whose weight (input 1) and bias (input 2) are quantized, and the axis of a per-channel weight.
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -77,8 +78,13 @@ def reduction_axes(node: onnx.NodeProto, ndim: int) -> tuple[int, ...]:
     return (1 - axis,)
 
 
-def _array_init(name: str, value: np.ndarray) -> TensorProto:
-    return numpy_helper.from_array(np.asarray(value), name)
+def _array_init(name: str, value: np.ndarray, spilling: bool = False) -> TensorProto:
+    """An initializer for `value`; with `spilling` (big models staged on disk) a large one is
+    written to the staging directory once instead of into every model built from it."""
+    value = np.asarray(value)
+    if spilling and value.nbytes >= weights.SPILL_BYTES:
+        return weights.spill_once(value, name)
+    return numpy_helper.from_array(value, name)
 
 
 def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[LayerQuant],
@@ -101,6 +107,7 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    spilling = weights.has_external(model)
     by_name = {n.name: n for n in g.node}
     head: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
@@ -110,7 +117,7 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
         node = by_name[lq.node]
         replaced.add(node.input[1])
         base = f"{lq.node}_w"
-        new_inits += [_array_init(base + "_q", lq.weight_q), _array_init(base + "_s", lq.weight_scale),
+        new_inits += [_array_init(base + "_q", lq.weight_q, spilling), _array_init(base + "_s", lq.weight_scale),
                       _array_init(base + "_zp", lq.weight_zp)]
         attrs = {"axis": lq.axis} if lq.axis is not None else {}
         head.append(helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_zp"], [base + "_dq"],
@@ -138,7 +145,7 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
             shape = [1] * lq.weight_q.ndim
             shape[lq.axis] = -1
             scale = scale.reshape(shape)
-        new_inits += [_array_init(base + "_q", lq.weight_q), _array_init(base + "_s", scale)]
+        new_inits += [_array_init(base + "_q", lq.weight_q, spilling), _array_init(base + "_s", scale)]
         head += [helper.make_node("Cast", [base + "_q"], [base + "_f"], name=base + "_Cast",
                                   to=helper.np_dtype_to_tensor_dtype(scale.dtype)),
                  helper.make_node("Mul", [base + "_f", base + "_s"], [base + "_w"], name=base + "_Mul")]
@@ -204,20 +211,23 @@ def _used_names(nodes) -> set[str]:
 
 def optimized_op_types(model: onnx.ModelProto, threads: int = 2) -> list[str]:
     """Node types (domain-qualified for contrib ops) of onnxruntime's optimized CPU-EP graph of `model`."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnxopt-opt-") as d:
         path = os.path.join(d, "optimized.onnx")
         so = session_options(threads, optimize=True)
         so.optimized_model_filepath = path
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        opt = onnx.load(path)
+        # weights of a big model go to a file of their own, not into the optimized protobuf
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        make_session(model, so=so)
+        opt = onnx.load(path, load_external_data=False)
     return [n.op_type for n in opt.graph.node]
 
 
-def single_layer_model(node: onnx.NodeProto, weights: dict[str, np.ndarray], input_shape: tuple[int, ...],
-                       opset: int) -> onnx.ModelProto:
-    """A float model holding only `node` with its constant weights, input `x` of `input_shape`, output `y`."""
+def single_layer_model(node: onnx.NodeProto, weights: dict[str, np.ndarray | onnx.TensorProto],
+                       input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """A float model holding only `node` with its constant weights, input `x` of `input_shape`, output `y`.
+
+    A weight given as a TensorProto (one staged on disk, `onnxopt.weights`) is referenced, not copied."""
     layer = onnx.NodeProto()
     layer.CopyFrom(node)
     layer.input[0] = "x"
@@ -227,7 +237,14 @@ def single_layer_model(node: onnx.NodeProto, weights: dict[str, np.ndarray], inp
     for k in range(1, len(node.input)):
         if node.input[k]:
             name = f"w{k}"
-            inits.append(numpy_helper.from_array(weights[node.input[k]], name))
+            w = weights[node.input[k]]
+            if isinstance(w, onnx.TensorProto):
+                t = onnx.TensorProto()
+                t.CopyFrom(w)
+                t.name = name
+                inits.append(t)
+            else:
+                inits.append(numpy_helper.from_array(w, name))
             layer.input[k] = name
     g = helper.make_graph([layer], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)

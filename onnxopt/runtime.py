@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-
 
 
 def session_options(threads: int = 2, optimize: bool = True) -> ort.SessionOptions:
@@ -24,20 +21,21 @@ def session_options(threads: int = 2, optimize: bool = True) -> ort.SessionOptio
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int = 2, optimize: bool = True,
                  so: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """A CPU-EP session for a ModelProto or a path; models over 2 GB go through a temporary file."""
+    """A CPU-EP session for a ModelProto or a path; models over 2 GB or with staged weights
+    (`onnxopt.weights`) are loaded from a file in the staging directory."""
     so = so or session_options(threads, optimize)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
+        from onnxopt import weights
         from onnxopt.model_io import fits_in_protobuf
 
-        if fits_in_protobuf(model):
+        if not weights.has_external(model) and fits_in_protobuf(model):
             return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="onnxopt-sess-") as d:
-            path = Path(d) / "model.onnx"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(path), save_as_external_data=True, location="model.data")
+        path = weights.session_model(model)  # staged weights are mapped by onnxruntime, not copied
+        try:
             return ort.InferenceSession(str(path), so, providers=providers)
+        finally:
+            weights.remove_session_model(path)
     return ort.InferenceSession(str(model), so, providers=providers)
 
 

@@ -24,6 +24,7 @@ from onnxopt.executor import Executor, LocalExecutor, Shared
 from onnxopt.kernels.metrics import sqnr_db
 from onnxopt.qdq import ActParams, LayerQuant, apply_qdq
 from onnxopt.runtime import make_session
+from onnxopt.weights import has_external
 
 #: SQNR above this is "identical" (keeps means finite when a trial changes nothing).
 SQNR_CAP_DB = 200.0
@@ -50,15 +51,23 @@ class _Task:
 def output_sqnr(model: onnx.ModelProto, samples: Sequence[Sample], reference: Sequence[list[np.ndarray]],
                 threads: int = 2) -> float:
     """Mean over samples of the worst output's SQNR (dB, capped) of `model` against `reference` outputs."""
-    sess = make_session(model, threads=threads)
+    sess = _accuracy_session(model, threads)
     vals = [min(sqnr_db(r, o) for r, o in zip(ref, sess.run(None, feeds))) for feeds, ref in zip(samples, reference)]
     return float(np.mean(np.minimum(vals, SQNR_CAP_DB)))
 
 
 def reference_outputs(model: onnx.ModelProto, samples: Sequence[Sample], threads: int = 2) -> list[list[np.ndarray]]:
     """The float model's outputs on each sample."""
-    sess = make_session(model, threads=threads)
+    sess = _accuracy_session(model, threads)
     return [sess.run(None, feeds) for feeds in samples]
+
+
+def _accuracy_session(model: onnx.ModelProto, threads: int):
+    """A session to compare outputs with. For a big model (weights staged on disk) graph optimizations
+    are off: folding its int8-stored weights back to float at load would hold every layer's float
+    weight (and the Cast between) at once, about three times the model; unoptimized, each is computed
+    per run and freed. Reference and candidates of one model are both big or both not, so alike."""
+    return make_session(model, threads=threads, optimize=not has_external(model))
 
 
 def _run_trial(task: _Task) -> float:

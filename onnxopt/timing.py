@@ -20,11 +20,17 @@ import onnxruntime as ort
 
 from onnxopt.paths import cache_dir
 from onnxopt.runtime import make_session
+from onnxopt.weights import has_external
 
 
 def median_latencies(models: list[onnx.ModelProto | str], feeds: dict[str, np.ndarray], runs: int = 20,
                      warmup: int = 3, threads: int = 2) -> list[float]:
-    """Median seconds per run of each model on the CPU EP, runs interleaved round-robin."""
+    """Median seconds per run of each model on the CPU EP, runs interleaved round-robin.
+
+    Models with weights staged on disk (big models, `onnxopt.weights`) are timed one
+    after the other instead, so two sessions never hold their weights at once."""
+    if len(models) > 1 and any(isinstance(m, onnx.ModelProto) and has_external(m) for m in models):
+        return [median_latencies([m], feeds, runs, warmup, threads)[0] for m in models]
     sessions = [make_session(m, threads=threads) for m in models]
     for s in sessions:
         for _ in range(warmup):

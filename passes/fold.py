@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -31,9 +30,10 @@ from onnxopt.graph import (cleanup, constant_value, detach, export_structure, it
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.qdq import INT8_STORAGE_MIN_ELEMENTS
 from onnxopt.registry import register_pass
-from onnxopt.runtime import session_options
+from onnxopt.runtime import make_session, session_options
 from onnxopt.shape_values import evaluate as evaluate_shape_values
 from onnxopt.shapes import infer_tensor_info
+from onnxopt.weights import external_info, is_external
 
 NEVER_FOLD = {
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -171,8 +171,11 @@ class FoldConstants(Pass):
 
 
 def _constant_key(t: gs.Constant) -> tuple:
-    """Content key of a constant; weights still in their TensorProto are hashed there, never copied to numpy."""
+    """Content key of a constant; weights still in their TensorProto are hashed there (or, staged on
+    disk, keyed by file and offset), never copied to numpy."""
     lazy = t._values
+    if isinstance(lazy, LazyValues) and is_external(lazy.tensor):  # staged on disk: its place is its identity
+        return (np.dtype(lazy.dtype).str, tuple(lazy.shape), external_info(lazy.tensor))
     if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
         return (np.dtype(lazy.dtype).str, tuple(lazy.shape), hashlib.sha1(lazy.tensor.raw_data).hexdigest())
     v = np.asarray(t.values)  # shape taken here: ascontiguousarray would make a scalar 1-D
@@ -275,8 +278,7 @@ def _standalone_model(root: gs.Graph, nodes: list[gs.Node], outputs: list[str],
 
 def _session_run(model: onnx.ModelProto, outputs: list[str], feeds: dict[str, np.ndarray]) -> list | None:
     """Run with onnxruntime (optimizations off, to compute exactly what the graph says)."""
-    sess = ort.InferenceSession(model.SerializeToString(), session_options(1, optimize=False),
-                                providers=["CPUExecutionProvider"])
+    sess = make_session(model, so=session_options(1, optimize=False))
     return sess.run(outputs, feeds)
 
 

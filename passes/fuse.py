@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import cleanup, constant_shape, constant_value, detach, is_constant, output_owners, replace_all_uses, unique_name
+from onnxopt.graph import (cleanup, constant_shape, constant_value, detach, is_constant, new_constant, output_owners,
+                           replace_all_uses, unique_name)
 from onnxopt.kernels.fusion import affine_bias, bn_affine, per_channel, scale_output_channels
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
@@ -118,7 +119,7 @@ def _apply_affine(graph: gs.Graph, p: gs.Node, a: np.ndarray | None, c: np.ndarr
         p.attrs["alpha"], p.attrs["beta"] = 1.0, 1.0
     new_w = scale_output_channels(w, w_scale, axis, groups)
     new_b = affine_bias(None if b is None else b.reshape(-1), a, c, channels, w.dtype)
-    p.inputs[1] = gs.Constant(unique_name(graph, f"{p.name or p.op}_W_fused"), new_w)
+    p.inputs[1] = new_constant(graph, unique_name(graph, f"{p.name or p.op}_W_fused"), new_w)
     bias = gs.Constant(unique_name(graph, f"{p.name or p.op}_B_fused"), new_b)
     if len(p.inputs) > 2:
         p.inputs[2] = bias
@@ -271,7 +272,7 @@ def _merge_chain(graph: gs.Graph, node: gs.Node) -> bool:
         return False  # would materialize a larger broadcast constant
     dtype = np.result_type(v1.dtype, v2.dtype)
     node.inputs[0] = y
-    node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name or node.op}_merged"), merged.astype(dtype))
+    node.inputs[1] = new_constant(graph, unique_name(graph, f"{node.name or node.op}_merged"), merged.astype(dtype))
     detach(inner)
     return True
 

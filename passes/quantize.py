@@ -32,6 +32,7 @@ byte-identical output.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import functools
 import json
 import re
@@ -46,6 +47,7 @@ from onnx import numpy_helper
 from onnxopt.calibration import activation_histograms, channel_means
 from onnxopt.errors import UserError
 from onnxopt.graph import export_model, import_model, model_hash
+from onnxopt.model_io import structure_only
 from onnxopt.kernels.bias_correction import mean_output_shift
 from onnxopt.kernels.bias_guard import bias_safe_weight_scales
 from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequantize, quantize, quantize_bias,
@@ -60,6 +62,7 @@ from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivi
 from onnxopt.shapes import TensorInfo, infer_tensor_info
 from onnxopt.stats import model_stats, node_macs
 from onnxopt.timing import TimingCache
+from onnxopt.weights import is_external, mapped
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 STORAGE = ("int8", "float")
@@ -116,12 +119,6 @@ class Quantize(Pass):
             raise UserError(f"pass 'quantize': weight_storage must be one of {', '.join(STORAGE)}, "
                             f"got '{opts.weight_storage}'")
         data = ctx.require_calibration(self.name)
-        weight_bytes = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
-                           for t in graph.tensors().values() if isinstance(t, gs.Constant))
-        if weight_bytes >= 2**31 - 2**26:
-            return PassResult(changed=False, stats={"int8_layers": 0}, skipped=[{
-                "node": "(model)", "op": "-", "reason": "model over 2 GB: calibration and per-layer timing run the "
-                "model in onnxruntime from one protobuf, which is limited to 2 GB; left float"}])
         model = export_model(graph)
         notes: list[str] = []
         per_channel = opts.per_channel
@@ -165,20 +162,49 @@ def _upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
     """Convert to opset 13 (per-channel DequantizeLinear); on failure keep the model and say why."""
     try:
         converted = onnx.version_converter.convert_version(model, 13)
-        onnx.checker.check_model(converted)
+        onnx.checker.check_model(structure_only(converted))
         return converted, None
     except Exception as exc:  # the converter raises many kinds of errors
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return model, f"opset {_opset(model)} could not be upgraded to 13 ({reason}): per-tensor weights"
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node values by tensor name."""
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
-            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return values
+class _Constants(collections.abc.Mapping):
+    """Initializers and Constant-node values by tensor name.
+
+    Weights staged on disk (big models, `onnxopt.weights`) are memory-mapped afresh on
+    each access, so the pages read while quantizing one layer are released with it
+    instead of piling up to a second copy of the model; the rest is read once.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self._protos = {i.name: i for i in model.graph.initializer}
+        for n in model.graph.node:
+            if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+                self._protos[n.output[0]] = n.attribute[0].t
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._protos[name]
+        if is_external(t):
+            return mapped(t)
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(t)
+        return self._arrays[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._protos
+
+    def __iter__(self):
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+    def for_model(self, name: str) -> np.ndarray | onnx.TensorProto:
+        """What to put in a new model: the staged tensor itself (no copy), else the array."""
+        t = self._protos[name]
+        return t if is_external(t) else self[name]
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -197,7 +223,7 @@ class _Work:
         self.executor = executor
         self.act_type = "int8" if opts.activations == "int8" else "uint8"
         self.vnni = cpu_has_vnni() if opts.vnni == "auto" else opts.vnni in ("yes", "true", "1")
-        self.consts = _constants(model)
+        self.consts = _Constants(model)
         self.nodes = {n.name: n for n in model.graph.node}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -376,7 +402,7 @@ class _Work:
         """Time the float and QDQ forms of this layer shape; int8 is kept only where it is faster."""
         if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
             return True, None
-        weights = {k: self.consts[k] for k in n.input[1:] if k}
+        weights = {k: self.consts.for_model(k) for k in n.input[1:] if k}
         float_model = single_layer_model(n, weights, shape, _opset(self.model))
         layer = float_model.graph.node[0]
         lq_local = LayerQuant(layer.name, lq.weight_q, lq.weight_scale, lq.weight_zp, lq.axis, lq.bias_q,

@@ -1,7 +1,8 @@
-"""A generated model over 2 GB (weights in an external data file) through `fold,fuse`.
+"""Generated models over 2 GB (weights in an external data file) through `fold,fuse` and `fold,quantize`.
 
-Correctness only: the result saves with external data, loads, passes the
-checker and gives the original's outputs. Peak memory is measured by
+Correctness only: the result saves (with external data where weights stay
+float), loads, passes the checker and gives the original's outputs (or close
+to them, for quantize). Peak memory is measured by
 `bench/big_model.py` (bench/results/big_model.md). The model is written to
 /dev/shm when it has room (the disk write dominates otherwise) and the test
 skips when the machine lacks the memory to hold it a few times over.
@@ -20,13 +21,13 @@ import psutil
 import pytest
 from conftest import ROOT
 
-from bench.big_model import K, make_big_model, model_bytes, outputs
+from bench.big_model import K, SHAPES, make_big_model, model_bytes, outputs
 
 pytestmark = pytest.mark.slow
 NEEDED = 14 * 2**30  # input + output in tmpfs, the optimizer's peak and two onnxruntime sessions, with slack
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def big_dir():
     if psutil.virtual_memory().available < NEEDED:
         pytest.skip(f"needs {NEEDED / 2**30:.0f} GiB of free memory for a 2.2 GB model")
@@ -52,3 +53,28 @@ def test_fold_fuse_on_a_model_over_2gb_saves_with_external_data(big_dir):
     ref = outputs(src, x)
     got = outputs(out, x)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_on_a_model_over_2gb_saves_and_stays_close(big_dir):
+    k, m = SHAPES[8]
+    src = make_big_model(big_dir, k, m, layers=8)
+    assert model_bytes(src) > 2**31
+    calib = big_dir / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.savez(calib / f"{i}.npz", x=rng.standard_normal((1, k), dtype=np.float32))
+    out, report = big_dir / "q.onnx", big_dir / "q.json"
+    p = subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "-p",
+                        "fold,quantize", "--calib", str(calib), "--report", str(report), "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    stats = json.loads(report.read_text())["passes"][-1]["stats"]
+    assert stats["int8_layers"] + stats["int8_stored_layers"] > 0, stats  # it quantized, not left float
+    assert model_bytes(out) < model_bytes(src)
+    onnx.checker.check_model(str(out))
+    x = rng.standard_normal((2, k), dtype=np.float32)
+    ref, got = outputs(src, x), outputs(out, x)
+    assert 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum()) > 20
