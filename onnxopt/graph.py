@@ -192,7 +192,7 @@ def export_model(graph: gs.Graph, sort: bool = True, into: onnx.ModelProto | Non
     """
     if sort:
         toposort(graph)
-    if into is None and getattr(graph, "_onnxopt_mapped", False):
+    if into is None and _is_mapped(graph):
         into = onnx.ModelProto()  # weights staged on disk stay there; big new ones are spilled beside them
     if into is not None:
         return _export_into(graph, into)
@@ -249,11 +249,10 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
     g.output.extend(model.graph.output)
     g.value_info.extend(v for v in model.graph.value_info if v.name not in names)
     g.sparse_initializer.extend(model.graph.sparse_initializer)
-    spilling = getattr(graph, "_onnxopt_mapped", False)
     for t in consts:
         v = values[id(t)]
         if not (isinstance(v, LazyValues) and id(v.tensor) in keep):
-            _write_constant(g.initializer.add(), t, spilling)
+            _write_constant(g.initializer.add(), t, graph)
     g.name, g.doc_string = model.graph.name, model.graph.doc_string
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(into, f, getattr(model, f))
@@ -272,13 +271,33 @@ def _stage_constant(t: gs.Constant) -> onnx.TensorProto:
     return proto
 
 
+def _is_mapped(graph: gs.Graph) -> bool:
+    """True for a graph imported from a model whose weights are staged on disk (`onnxopt.weights`)."""
+    return getattr(graph, "_onnxopt_mapped", False)
+
+
+def _raw_array(t: gs.Constant) -> np.ndarray | None:
+    """The array of an in-memory numeric constant whose bytes are written as they are (gs converts
+    nothing on export), else None."""
+    v = t._values
+    if not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf":
+        return None
+    exported = getattr(t, "_export_dtype", None)  # set when gs is to convert the values on export
+    return v if exported is None or (not isinstance(exported, int) and np.dtype(exported) == v.dtype) else None
+
+
+def _spillable(graph: gs.Graph, t: gs.Constant) -> bool:
+    """Whether `t` is a large in-memory weight of a graph whose weights are staged on disk."""
+    arr = _raw_array(t)
+    return arr is not None and arr.nbytes >= weights.SPILL_BYTES and _is_mapped(graph)
+
+
 def new_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
     """A constant for a weight a pass computed. In a graph whose weights are staged on disk (big
     models, `onnxopt.weights`) a large one is spilled there at once, so a pass rewriting many
     weights holds one new weight at a time, not all of them until export."""
     c = gs.Constant(name, values)
-    if getattr(graph, "_onnxopt_mapped", False) and values.dtype.kind in "biuf" \
-            and values.nbytes >= weights.SPILL_BYTES:
+    if _spillable(graph, c):
         _stage_constant(c)
     return c
 
@@ -286,39 +305,35 @@ def new_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
 def stage_new_constants(graph: gs.Graph) -> None:
     """In a graph whose weights are staged on disk, spill every large in-memory constant (the
     manager calls it after each pass, for passes that create constants another way)."""
-    if not getattr(graph, "_onnxopt_mapped", False):
+    if not _is_mapped(graph):
         return
     for g in iter_graphs(graph):
         for t in g.tensors().values():
-            v = getattr(t, "_values", None)
-            if isinstance(t, gs.Constant) and isinstance(v, np.ndarray) and v.dtype.kind in "biuf" \
-                    and v.nbytes >= weights.SPILL_BYTES and getattr(t, "_export_dtype", None) in (None, v.dtype):
+            if isinstance(t, gs.Constant) and _spillable(graph, t):
                 _stage_constant(t)
 
 
-def _write_constant(proto: onnx.TensorProto, t: gs.Constant, spilling: bool = False) -> None:
-    """Fill `proto` with constant `t`: a still-lazy tensor is copied as stored (staged ones by
-    reference); an array's bytes are copied once, or with `spilling` written to the staging
-    directory when at least `SPILL_BYTES` (the model is memory-mapped, see `onnxopt.weights`)."""
+def _write_constant(proto: onnx.TensorProto, t: gs.Constant, graph: gs.Graph) -> None:
+    """Fill `proto` with constant `t` of `graph`: a still-lazy tensor is copied as stored (staged ones
+    by reference); an array's bytes are copied once, or spilled to the staging directory when the
+    graph's weights are staged there and it is large (`_spillable`)."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     if isinstance(t._values, LazyValues):
         proto.CopyFrom(t._values.tensor)
         proto.name = t.name
         return
-    arr = t.values
-    exported = getattr(t, "_export_dtype", None)  # set when gs is to convert the values on export
-    if (exported is None or (not isinstance(exported, int) and np.dtype(exported) == arr.dtype)) \
-            and arr.dtype.kind in "biuf":
-        proto.name = t.name
-        if spilling and arr.nbytes >= weights.SPILL_BYTES:
-            proto.CopyFrom(_stage_constant(t))
-            return
-        proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
-        proto.dims.extend(arr.shape)
-        proto.raw_data = np.ascontiguousarray(arr).tobytes()
-    else:
+    arr = _raw_array(t)
+    if arr is None:
         proto.CopyFrom(OnnxExporter.export_tensor_proto(t))
+        return
+    if _spillable(graph, t):
+        proto.CopyFrom(_stage_constant(t))
+        return
+    proto.name = t.name
+    proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    proto.dims.extend(arr.shape)
+    proto.raw_data = np.ascontiguousarray(arr).tobytes()
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:

@@ -172,21 +172,19 @@ def write_external(model: onnx.ModelProto, model_path: Path, data_path: Path, lo
                 if not copy_staged:
                     g.initializer.append(t)
                     continue
-                offset = weights.copy_range(t, data)
-                ext = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
-                weights.set_external(ext, location, offset, weights.external_nbytes(t))
-                continue
-            raw = t.raw_data if t.HasField("raw_data") else None
-            if raw is None and t.data_type != onnx.TensorProto.STRING:
-                raw = numpy_helper.to_array(t).tobytes() if _tensor_elems(t) * 4 >= EXTERNAL_THRESHOLD else None
-            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
-                g.initializer.append(t)
-                continue
-            offset = weights.pad_to_page(data)
-            data.write(raw)
+                offset, length = weights.copy_range(t, data), weights.external_nbytes(t)
+            else:
+                raw = t.raw_data if t.HasField("raw_data") else None
+                if raw is None and t.data_type != onnx.TensorProto.STRING:
+                    raw = numpy_helper.to_array(t).tobytes() if _tensor_elems(t) * 4 >= EXTERNAL_THRESHOLD else None
+                if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                    g.initializer.append(t)
+                    continue
+                offset, length = weights.pad_to_page(data), len(raw)
+                data.write(raw)
+                del raw
             ext = g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
-            weights.set_external(ext, location, offset, len(raw))
-            del raw
+            weights.set_external(ext, location, offset, length)
     with open(model_path, "wb") as f:
         f.write(skeleton.SerializeToString(deterministic=True))
 

@@ -40,11 +40,13 @@ from onnx import numpy_helper
 MAP_EXTERNAL_BYTES = 1 << 30
 #: New weights at least this large are spilled to disk when the model is memory-mapped.
 SPILL_BYTES = 1 << 24
+#: The staging directory's file for spilled weights (appended to, page-aligned).
+SPILL_FILE = "spill.data"
 #: External data is written at multiples of this, so onnxruntime and numpy can map it.
 ALIGN = 4096
 
 _lock = threading.Lock()
-_state: dict = {"dir": None, "pid": None, "staged": {}, "spill": None}
+_state: dict = {"dir": None, "pid": None, "staged": {}}
 _session_ids = itertools.count()
 _spilled: dict[int, tuple[weakref.ref, onnx.TensorProto]] = {}
 
@@ -55,7 +57,7 @@ def stage_dir() -> Path:
         if _state["dir"] is None or _state["pid"] != os.getpid():
             base = os.environ.get("ONNXOPT_STAGE_DIR") or None
             _state.update(dir=Path(tempfile.mkdtemp(prefix="onnxopt-stage-", dir=base)), pid=os.getpid(),
-                          staged={}, spill=None)
+                          staged={})
             atexit.register(_remove_stage, _state["dir"], os.getpid())
         return _state["dir"]
 
@@ -173,16 +175,13 @@ def spill(arr: np.ndarray, proto: onnx.TensorProto) -> None:
     arr = np.ascontiguousarray(arr)
     d = stage_dir()
     with _lock:
-        if _state["spill"] is None:
-            _state["spill"] = "spill.data"
-            (d / _state["spill"]).touch()
-        with open(d / _state["spill"], "ab") as f:
+        with open(d / SPILL_FILE, "ab") as f:
             offset = pad_to_page(f)
             f.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
     proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
     del proto.dims[:]
     proto.dims.extend(arr.shape)
-    set_external(proto, _state["spill"], offset, arr.nbytes)
+    set_external(proto, SPILL_FILE, offset, arr.nbytes)
 
 
 def spill_once(arr: np.ndarray, name: str) -> onnx.TensorProto:
