@@ -102,6 +102,27 @@ def outputs(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def latency_ratio(original: str | os.PathLike, optimized: str | os.PathLike, x: np.ndarray, runs: int = 20) -> float:
+    """Median time of `optimized` over median time of `original` on `x`, CPU EP, 2 threads, runs
+    interleaved (both sessions held: this is the bench process, not the one whose memory is measured)."""
+    import statistics
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 2
+    sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in (original, optimized)]
+    times: list[list[float]] = [[], []]
+    for k in range(runs + 3):
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, {"x": x})
+            if k >= 3:
+                times[i].append(time.perf_counter() - t0)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
 def run_measured(argv: list[str]) -> tuple[int, float, int, str]:
     """Run `python -m onnxopt.cli ARGV` in a child; (exit code, seconds, peak RSS bytes, stderr)."""
     import psutil
@@ -152,7 +173,8 @@ def _child(src: str, pipeline: str, out_dir: str, calib: str) -> None:
         what = {k: stats[k] for k in ("int8_layers", "int8_stored_layers", "affine_folded", "matmul_add_to_gemm")
                 if k in stats}
         row.update(out_bytes=model_bytes(out), sqnr=_sqnr(ref, got), max_ref=float(np.abs(ref).max()),
-                   external=Path(str(out) + ".data").exists(), what=what)
+                   external=Path(str(out) + ".data").exists(), what=what,
+                   latency=latency_ratio(src, out, x[:1]))
     print(json.dumps(row))
 
 
@@ -177,9 +199,10 @@ def main() -> int:
     lines = ["# Big models: 2.16 GB with external data through the CLI", "",
              "Peak RSS of the `onnxopt optimize` child process (psutil polling and ru_maxrss, larger of the two); "
              "outputs of the result compared with the original's on a [2, k] input with onnxruntime CPU (SQNR; "
-             "inf = identical). Quantize: 4 calibration samples, default options.", "",
+             "inf = identical); latency: median of 20 interleaved batch-1 runs, CPU EP, 2 threads, "
+             "optimized over original. Quantize: 4 calibration samples, default options.", "",
              "| layers (weight each) | pipeline | exit | seconds | peak RSS | RSS / model size | output size | "
-             "what changed | output SQNR dB |", "|" + "---|" * 9]
+             "what changed | output SQNR dB | latency vs original |", "|" + "---|" * 10]
     try:
         for layers in (int(v) for v in args.layers.split(",")):
             k, m = SHAPES[layers]
@@ -198,10 +221,10 @@ def main() -> int:
                     what = ", ".join(f"{k}={v}" for k, v in r["what"].items())
                     lines.append(f"| {label} | {pipeline} | 0 | {r['seconds']} | {r['peak_rss'] / 1e9:.2f} GB | "
                                  f"{r['peak_rss'] / size:.2f}x | {r['out_bytes'] / 1e9:.2f} GB | {what} | "
-                                 f"{r['sqnr']:.1f} |")
+                                 f"{r['sqnr']:.1f} | {r['latency']:.2f} |")
                 else:
                     lines.append(f"| {label} | {pipeline} | {r['exit']} | {r.get('seconds', '-')} | "
-                                 f"{r.get('peak_rss', 0) / 1e9:.2f} GB | - | - | {r['stderr'][:150]} | - |")
+                                 f"{r.get('peak_rss', 0) / 1e9:.2f} GB | - | - | {r['stderr'][:150]} | - | - |")
                 print(lines[-1], flush=True)
             shutil.rmtree(work / f"l{layers}", ignore_errors=True)
         text = "\n".join(lines) + "\n"

@@ -149,6 +149,27 @@ def _weight_qmax(bits: int, reduce_range: bool) -> int:
     return 2 ** (bits - 2 if reduce_range else bits - 1) - 1
 
 
+SLAB_ELEMENTS = 1 << 24
+"""Weights are processed in slabs of about this many values along their first axis: rounding
+needs float64 and absolute-value temporaries several times the slab's size, which for a 1 GB
+weight taken whole came to 5 GB."""
+
+
+def _slabs(shape: Sequence[int]) -> list[slice]:
+    """Slices of the first axis covering `shape` in slabs of about SLAB_ELEMENTS values."""
+    per_row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    step = max(1, SLAB_ELEMENTS // max(per_row, 1))
+    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+
+
+def _by_slab(shape: Sequence[int], fn) -> np.ndarray:
+    """An int8 array of `shape` filled slab by slab: ``fn(slab)`` gives the values of ``[slab]``."""
+    q = np.empty(tuple(shape), np.int8)
+    for sl in _slabs(shape):
+        q[sl] = fn(sl)
+    return q
+
+
 def quantize_weight_per_tensor(
     w: np.ndarray, bits: int = 8, reduce_range: bool = False
 ) -> tuple[np.ndarray, np.float32, np.int8]:
@@ -158,10 +179,14 @@ def quantize_weight_per_tensor(
     with ``reduce_range`` (63, inside the 7-bit range [-64, 63] that keeps
     u8s8 kernels without VNNI from saturating).
     """
+    w = np.asarray(w)
+    if w.ndim == 0:
+        q, scale, zp = quantize_weight_per_tensor(w.reshape(1), bits, reduce_range)
+        return q.reshape(()), scale, zp
     qmax = _weight_qmax(bits, reduce_range)
-    absmax = float(np.max(np.abs(w))) if np.size(w) else 0.0
+    absmax = max((float(np.max(np.abs(w[sl]))) for sl in _slabs(w.shape) if w[sl].size), default=0.0)
     scale = _safe_scale(np.array(absmax / qmax))[()]
-    q = np.clip(quantize(w, scale, np.int8(0), np.int8), -qmax, qmax).astype(np.int8)
+    q = _by_slab(w.shape, lambda sl: np.clip(quantize(w[sl], scale, np.int8(0), np.int8), -qmax, qmax))
     return q, np.float32(scale), np.int8(0)
 
 
@@ -178,11 +203,20 @@ def quantize_weight_per_channel(
     axis = axis % w.ndim
     qmax = _weight_qmax(bits, reduce_range)
     others = tuple(i for i in range(w.ndim) if i != axis)
-    absmax = np.max(np.abs(w), axis=others).astype(np.float64) if w.size else np.zeros(w.shape[axis])
+    if not w.size:
+        absmax = np.zeros(w.shape[axis])
+    elif axis == 0:
+        absmax = np.concatenate([np.max(np.abs(w[sl]), axis=others) for sl in _slabs(w.shape)]).astype(np.float64)
+    else:
+        absmax = np.max([np.max(np.abs(w[sl]), axis=others) for sl in _slabs(w.shape)], axis=0).astype(np.float64)
     scales = _safe_scale(absmax / qmax)
     zps = np.zeros(w.shape[axis], dtype=np.int8)
-    q = np.clip(quantize(w, scales, zps, np.int8, axis=axis), -qmax, qmax).astype(np.int8)
-    return q, scales, zps
+
+    def rows(sl: slice) -> np.ndarray:
+        s, z = (scales[sl], zps[sl]) if axis == 0 else (scales, zps)
+        return np.clip(quantize(w[sl], s, z, np.int8, axis=axis), -qmax, qmax)
+
+    return _by_slab(w.shape, rows), scales, zps
 
 
 def block_layout(shape: Sequence[int], axis: int, block: int) -> tuple[tuple[int, ...], int] | None:
@@ -220,8 +254,9 @@ def quantize_weight_blocks(w: np.ndarray, axis: int, block: int = 32
         return None
     shape, reduced = layout
     b = np.asarray(w).reshape(shape)
-    scales = _safe_scale(np.max(np.abs(b), axis=reduced, keepdims=True).astype(np.float64) / 127)
-    q = np.clip(np.rint(b / scales), -127, 127).astype(np.int8)
+    absmax = np.concatenate([np.max(np.abs(b[sl]), axis=reduced, keepdims=True) for sl in _slabs(shape)])
+    scales = _safe_scale(absmax.astype(np.float64) / 127)
+    q = _by_slab(shape, lambda sl: np.clip(np.rint(b[sl] / scales[sl]), -127, 127))
     return q, scales
 
 
@@ -277,18 +312,20 @@ def u8s8_saturates(
     kernel is not known here, so by default every adjacent pair is checked
     (conservative); ``aligned`` checks only pairs (0,1), (2,3), ...
     """
-    w = np.asarray(w_q).astype(np.int64)
+    w = np.asarray(w_q)
     axes = [reduction_axis] if isinstance(reduction_axis, (int, np.integer)) else list(reduction_axis)
     axes = [a % w.ndim for a in axes]
     rest = [a for a in range(w.ndim) if a not in axes]
     mat = np.transpose(w, rest + axes).reshape(int(np.prod([w.shape[a] for a in rest])), -1)
-    if mat.shape[1] < 2:
-        pos, neg = np.maximum(mat, 0), np.minimum(mat, 0)
-    else:
-        step = 2 if aligned else 1
-        left, right = mat[:, 0:-1:step], mat[:, 1::step]
-        pos = np.maximum(left, 0) + np.maximum(right, 0)
-        neg = np.minimum(left, 0) + np.minimum(right, 0)
-    if pos.size == 0:
-        return False
-    return bool(x_max * pos.max() > 32767 or x_max * neg.min() < -32768)
+    for sl in _slabs(mat.shape):  # widened per slab: int32 of a whole big weight is 4x its size
+        m = mat[sl].astype(np.int32)
+        if m.shape[1] < 2:
+            pos, neg = np.maximum(m, 0), np.minimum(m, 0)
+        else:
+            step = 2 if aligned else 1
+            left, right = m[:, 0:-1:step], m[:, 1::step]
+            pos = np.maximum(left, 0) + np.maximum(right, 0)
+            neg = np.minimum(left, 0) + np.minimum(right, 0)
+        if pos.size and (x_max * int(pos.max()) > 32767 or x_max * int(neg.min()) < -32768):
+            return True
+    return False

@@ -121,7 +121,7 @@ def apply_qdq(model: onnx.ModelProto, acts: dict[str, ActParams], layers: list[L
                       _array_init(base + "_zp", lq.weight_zp)]
         attrs = {"axis": lq.axis} if lq.axis is not None else {}
         head.append(helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_zp"], [base + "_dq"],
-                                     name=base + "_DequantizeLinear", **attrs))
+                                     name=weight_dq_name(lq.node), **attrs))
         node.input[1] = base + "_dq"
         if lq.bias_q is not None:
             bb = f"{lq.node}_b"
@@ -209,8 +209,8 @@ def _used_names(nodes) -> set[str]:
     return used
 
 
-def optimized_op_types(model: onnx.ModelProto, threads: int = 2) -> list[str]:
-    """Node types (domain-qualified for contrib ops) of onnxruntime's optimized CPU-EP graph of `model`."""
+def optimized_nodes(model: onnx.ModelProto, threads: int = 2) -> list[onnx.NodeProto]:
+    """The nodes of onnxruntime's optimized CPU-EP graph of `model` (a node that survives keeps its name)."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-opt-") as d:
         path = os.path.join(d, "optimized.onnx")
         so = session_options(threads, optimize=True)
@@ -220,12 +220,23 @@ def optimized_op_types(model: onnx.ModelProto, threads: int = 2) -> list[str]:
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         make_session(model, so=so)
         opt = onnx.load(path, load_external_data=False)
-    return [n.op_type for n in opt.graph.node]
+    return list(opt.graph.node)
+
+
+def optimized_op_types(model: onnx.ModelProto, threads: int = 2) -> list[str]:
+    """Node types of onnxruntime's optimized CPU-EP graph of `model`."""
+    return [n.op_type for n in optimized_nodes(model, threads)]
+
+
+def weight_dq_name(layer: str) -> str:
+    """The name `apply_qdq` gives the DequantizeLinear of an int8-compute layer's weight."""
+    return f"{layer}_w_DequantizeLinear"
 
 
 def single_layer_model(node: onnx.NodeProto, weights: dict[str, np.ndarray | onnx.TensorProto],
-                       input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """A float model holding only `node` with its constant weights, input `x` of `input_shape`, output `y`.
+                       input_shape: tuple[int, ...] | None, opset: int) -> onnx.ModelProto:
+    """A float model holding only `node` with its constant weights, input `x` of `input_shape` (None:
+    unknown), output `y`.
 
     A weight given as a TensorProto (one staged on disk, `onnxopt.weights`) is referenced, not copied."""
     layer = onnx.NodeProto()

@@ -4,12 +4,15 @@ Passes that must never make a model slower (quantize, lowrank) time the float
 and rewritten forms of one layer shape here. Runs of the candidates are
 interleaved so machine noise hits them alike; results are cached on disk by
 a key the caller builds from the layer's shape and options, and the onnxruntime
-version and thread count.
+version, thread count and CPU.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -44,11 +47,26 @@ def median_latencies(models: list[onnx.ModelProto | str], feeds: dict[str, np.nd
     return [statistics.median(x) for x in samples]
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_fingerprint() -> str:
+    """A short hash of this CPU's model name and instruction-set flags (`/proc/cpuinfo`, else the
+    platform): timings from another CPU (say, one without VNNI) must not decide anything here."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())
+                  if k.strip() in ("model name", "flags", "Features", "CPU part")}
+        ident = json.dumps(sorted(fields.items()))
+    except OSError:
+        ident = platform.machine() + platform.processor()
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
 class TimingCache:
-    """A JSON file of {key: [seconds, ...]} shared by the passes that time layer variants."""
+    """A JSON file of {key: [seconds, ...]} shared by the passes that time layer variants, one per
+    onnxruntime version, thread count and CPU (`cpu_fingerprint`)."""
 
     def __init__(self, name: str, path: Path | None = None, threads: int = 2):
-        self.path = path or cache_dir() / f"timing-{name}-ort{ort.__version__}-t{threads}.json"
+        self.path = path or cache_dir() / f"timing-{name}-ort{ort.__version__}-t{threads}-cpu{cpu_fingerprint()}.json"
         self.threads = threads
         try:
             self._data: dict[str, list[float]] = json.loads(self.path.read_text())

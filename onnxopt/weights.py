@@ -198,6 +198,17 @@ def spill_once(arr: np.ndarray, name: str) -> onnx.TensorProto:
     return t
 
 
+def park(arr: np.ndarray) -> np.ndarray:
+    """`arr` spilled to disk and memory-mapped back: the same values, but resident only while read
+    (a big model's int8 weights, kept for many trial models, would otherwise stay in memory).
+    `spill_once` of the returned array refers to the bytes already written."""
+    proto = onnx.TensorProto()
+    spill(arr, proto)
+    view = mapped(proto)
+    _spilled[id(view)] = (weakref.ref(view), proto)
+    return view
+
+
 def copy_range(t: onnx.TensorProto, dst) -> int:
     """Append a staged external tensor's bytes to the open file `dst` at a page boundary, file to
     file (the page cache carries them, not this process); return the offset written at."""

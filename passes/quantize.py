@@ -7,7 +7,10 @@ integer kernels, and only where that pays: each layer's float and QDQ forms
 are timed on onnxruntime (cached by shape), and layers whose int8 form is
 slower stay float. Then each remaining layer is quantized alone to measure
 its sensitivity (output SQNR), and the most sensitive ones are kept float
-until the whole model meets `target_sqnr`. The per-layer trials are
+until the whole model meets `target_sqnr`. A layer whose int8 weight
+onnxruntime leaves unfused in the whole model (a DequantizeLinear that would
+run every time, e.g. a MatMul it first merges with an Add into a float Gemm)
+stays float too. The per-layer trials are
 independent and run through the executor in `ctx.settings["executor"]`
 (`onnxopt.sensitivity`; None: in this process), with the same results
 wherever they run; the search for how many layers to keep float stays serial.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import dataclasses
 import functools
 import json
 import re
@@ -44,6 +48,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxopt import weights
 from onnxopt.calibration import activation_histograms, channel_means
 from onnxopt.errors import UserError
 from onnxopt.graph import export_model, import_model, model_hash
@@ -56,13 +61,14 @@ from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequan
 from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.qdq import (INT8_STORAGE_MIN_ELEMENTS, MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq,
-                         optimized_op_types, reduction_axes, single_layer_model, weight_axis)
+                         optimized_nodes, optimized_op_types, reduction_axes, single_layer_model, weight_axis,
+                         weight_dq_name)
 from onnxopt.registry import register_pass
 from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivity
 from onnxopt.shapes import TensorInfo, infer_tensor_info
 from onnxopt.stats import model_stats, node_macs
 from onnxopt.timing import TimingCache
-from onnxopt.weights import is_external, mapped
+from onnxopt.weights import has_external, is_external, mapped
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 STORAGE = ("int8", "float")
@@ -207,6 +213,11 @@ class _Constants(collections.abc.Mapping):
         return t if is_external(t) else self[name]
 
 
+def _static(shape: tuple | None) -> bool:
+    """Whether `shape` is known and every dimension a positive number (a model of it can run)."""
+    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+
+
 def _attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
@@ -224,6 +235,7 @@ class _Work:
         self.act_type = "int8" if opts.activations == "int8" else "uint8"
         self.vnni = cpu_has_vnni() if opts.vnni == "auto" else opts.vnni in ("yes", "true", "1")
         self.consts = _Constants(model)
+        self.big = has_external(model)  # weights staged on disk (`onnxopt.weights`): mind memory
         self.nodes = {n.name: n for n in model.graph.node}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -337,15 +349,15 @@ class _Work:
         axis = weight_axis(n) if self.per_channel else None
         notes = []
 
-        def weights(reduce: bool):
+        def int8_weights(reduce: bool):
             if axis is None:
                 q, s, z = quantize_weight_per_tensor(w, reduce_range=reduce)
                 return q, np.asarray(s), np.asarray(z)
             return quantize_weight_per_channel(w, axis, reduce_range=reduce)
 
-        q, s, z = weights(False)
+        q, s, z = int8_weights(False)
         if not self.vnni and self.act_type == "uint8" and u8s8_saturates(q, reduction_axes(n, w.ndim)):
-            q, s, z = weights(True)
+            q, s, z = int8_weights(True)
             notes.append("7-bit weights (u8s8 saturation without VNNI)")
         bq = bs = None
         has_bias = len(n.input) > 2 and bool(n.input[2])
@@ -377,7 +389,8 @@ class _Work:
                     return f"bias not representable in int32 ({exc2})"
             if axis is None:
                 bs = np.asarray(bs).reshape(())
-        return LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis, bq, bs, notes)
+        return self.held(LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis, bq, bs,
+                                    notes))
 
     def stored_layer(self, n: onnx.NodeProto) -> LayerQuant:
         """Int8 storage for a layer kept float (float bias, float compute): blocks of
@@ -388,25 +401,36 @@ class _Work:
         blocks = quantize_weight_blocks(w, axis, self.opts.storage_block) if self.opts.storage_block > 1 else None
         if blocks is not None:
             q, s = blocks
-            return LayerQuant(n.name, q, s, np.zeros((), np.int8), axis, shape=tuple(w.shape))
+            return self.held(LayerQuant(n.name, q, s, np.zeros((), np.int8), axis, shape=tuple(w.shape)))
         if self.per_channel:
             q, s, z = quantize_weight_per_channel(w, axis)
         else:
             axis = None
             q, s, z = quantize_weight_per_tensor(w)
-        return LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis)
+        return self.held(LayerQuant(n.name, q, np.asarray(s, np.float32), np.asarray(z, np.int8), axis))
+
+    def held(self, lq: LayerQuant) -> LayerQuant:
+        """`lq` as kept for the rest of the run: a big model's large int8 weight is parked on disk
+        (`weights.park`), so the int8 weights of every layer, kept for the trial models, are not
+        resident all at once beside the float weights onnxruntime maps."""
+        if self.big and lq.weight_q.nbytes >= weights.SPILL_BYTES:
+            lq.weight_q = weights.park(lq.weight_q)
+        return lq
 
     # ---- latency --------------------------------------------------------------------------------
+    def layer_model(self, n: onnx.NodeProto, shape: tuple | None) -> onnx.ModelProto:
+        """A float model of `n` alone with its weights (staged ones referenced, not copied), input of
+        `shape` (None: unknown)."""
+        return single_layer_model(n, {k: self.consts.for_model(k) for k in n.input[1:] if k}, shape,
+                                  _opset(self.model))
+
     def faster_in_int8(self, n: onnx.NodeProto, lq: LayerQuant, acts: dict[str, ActParams],
                        shape: tuple[int, ...] | None, cache: TimingCache) -> tuple[bool, float | None]:
         """Time the float and QDQ forms of this layer shape; int8 is kept only where it is faster."""
-        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+        if not _static(shape):
             return True, None
-        weights = {k: self.consts.for_model(k) for k in n.input[1:] if k}
-        float_model = single_layer_model(n, weights, shape, _opset(self.model))
-        layer = float_model.graph.node[0]
-        lq_local = LayerQuant(layer.name, lq.weight_q, lq.weight_scale, lq.weight_zp, lq.axis, lq.bias_q,
-                              lq.bias_scale)
+        float_model = self.layer_model(n, shape)
+        lq_local = dataclasses.replace(lq, node=float_model.graph.node[0].name)
         q_model = apply_qdq(float_model, {"x": acts[n.input[0]], "y": acts[n.output[0]]}, [lq_local])
         attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)
         key = json.dumps([n.op_type, shape, list(self.consts[n.input[1]].shape), len(n.input) > 2, attrs,
@@ -418,8 +442,11 @@ class _Work:
 
     # ---- accuracy -------------------------------------------------------------------------------
     def qdq_tensors(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> dict[str, ActParams]:
-        """The activations that get Q/DQ when `layers` are int8: their inputs, Conv outputs always
-        (QLinearConv needs the Q), Gemm/MatMul outputs only when every consumer is a quantized layer."""
+        """The activations that get Q/DQ when `layers` are int8: their inputs, Conv and MatMul outputs
+        always (QLinearConv and QLinearMatMul need the Q; onnxruntime's fusion of a QDQ MatMul with
+        a float output depends on the graph around it: a MatMul feeding Relu -> MatMul + Add stays
+        unfused and dequantizes its weight on every run), Gemm outputs only when every consumer is
+        a quantized layer (QGemm has a float output)."""
         kept = {lq.node for lq in layers}
         tensors: dict[str, ActParams] = {}
         for lq in layers:
@@ -427,7 +454,7 @@ class _Work:
             tensors[n.input[0]] = acts[n.input[0]]
             out = n.output[0]
             users = self.consumers.get(out, [])
-            if n.op_type in ("Conv", "ConvTranspose") or (users and all(u.name in kept for u in users)):
+            if n.op_type in ("Conv", "ConvTranspose", "MatMul") or (users and all(u.name in kept for u in users)):
                 tensors[out] = acts[out]
         return tensors
 
@@ -445,10 +472,14 @@ class _Work:
 
     def choose_storage(self, cands: list[onnx.NodeProto], stats: dict) -> dict[str, LayerQuant]:
         """The layers that store int8 weights when left float: every weight of at least
-        INT8_STORAGE_MIN_ELEMENTS, less (accuracy-aware) the ones whose rounding costs most, kept float
-        until the stored model alone reaches `storage_sqnr` against float."""
+        INT8_STORAGE_MIN_ELEMENTS, less those onnxruntime would not fold back at load (big models:
+        checked here layer by layer, `folding_alone`; others: the whole model in `run`), less
+        (accuracy-aware) the ones whose rounding costs most, kept float until the stored model
+        alone reaches `storage_sqnr` against float."""
         store = {n.name: self.stored_layer(n) for n in cands
                  if self.consts[n.input[1]].ndim >= 2 and self.consts[n.input[1]].size >= INT8_STORAGE_MIN_ELEMENTS}
+        if self.big:
+            store = self.folding_alone(store)
         if not store or not self.opts.accuracy_aware:
             return store
         trials = [Trial(name, stored=[lq]) for name, lq in store.items()]
@@ -475,10 +506,26 @@ class _Work:
         trials = [Trial(n, self.qdq_tensors(acts, [layers[n]]), [layers[n]]) for n in names]
         return sensitivity(self.model, self.samples, trials, self.executor, reference=self.reference)
 
+    def loaded_form(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> onnx.ModelProto:
+        """The int8 model as onnxruntime holds it once loaded: `layers` in QDQ form, the layers that
+        only store int8 weights with their float weights, which is what folding at load gives them
+        back (`storage_folds`, or `folding_alone` for big models, made sure of that). Checking the
+        stored form instead would change nothing per run but, for a big model, cost a session
+        that folds every layer at once (about 3x its float weights in memory)."""
+        return apply_qdq(self.model, self.qdq_tensors(acts, layers), layers)
+
+    def unfused(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> list[str]:
+        """The layers among `layers` whose weight DequantizeLinear survives onnxruntime's optimization
+        of the whole model: no integer kernel took them, so the weight would be dequantized on every
+        run (e.g. a MatMul that onnxruntime first merges with its Add into a float Gemm)."""
+        left = {n.name for n in optimized_nodes(self.loaded_form(acts, layers)) if n.op_type == "DequantizeLinear"}
+        return [lq.node for lq in layers if weight_dq_name(lq.node) in left]
+
     def never_slower(self, acts, layers, kept, final, stats):
-        """Time the whole float and int8 models; while int8 is slower keep only layers with larger
-        per-layer gains (ratio thresholds 0.8, 0.6), and give up on int8 compute if it stays
-        slower (int8 storage alone remains: it is folded at load, see `storage_folds`).
+        """Time the whole float and int8 models (the latter in its `loaded_form`); while int8 is
+        slower keep only layers with larger per-layer gains (ratio thresholds 0.8, 0.6), and give
+        up on int8 compute if it stays slower (int8 storage alone remains: it is folded at load,
+        see `storage_folds`).
 
         Timings are cached by the content hash of both models, so with a warm cache the same
         choice is made again and the output is byte-identical."""
@@ -489,25 +536,51 @@ class _Work:
                 for name in set(layers) - set(kept):
                     if self.rows[name].get("why") is None:
                         self.rows[name].update(int8=False, why=f"whole model slower; gain below {limit}")
-                if not kept:
-                    break
-                final = self.build(acts, [layers[k] for k in kept])
-            key = json.dumps(["model", model_hash(self.model), model_hash(final)])
-            t_float, t_int8 = self.timing.measure(key, [self.model, final], self.samples[0], runs=15)
+            if not kept:
+                break
+            chosen = [layers[k] for k in kept]
+            timed = self.loaded_form(acts, chosen)
+            key = json.dumps(["model", model_hash(self.model), model_hash(timed)])
+            t_float, t_int8 = self.timing.measure(key, [self.model, timed], self.samples[0], runs=15)
             ratio = t_int8 / t_float
             stats.setdefault("latency_ratio_tries", []).append(round(ratio, 3))
             if ratio <= 1.0:
                 stats["latency_ratio"] = round(ratio, 3)
-                return final, kept
-        self.notes.append(f"int8 compute stayed slower than float ({ratio:.2f}x): left float")
+                return (final if limit is None else self.build(acts, chosen)), kept
+        if stats.get("latency_ratio_tries"):
+            self.notes.append(f"int8 compute stayed slower than float ({ratio:.2f}x): left float")
         for name in kept:
             self.rows[name].update(int8=False, why="whole model slower in int8")
         return (self.build(acts, []) if self.store else self.model), []
 
     def storage_folds(self, stored: onnx.ModelProto) -> bool:
-        """Whether onnxruntime folds the int8-stored weights of `stored` back into constants at load:
-        its optimized graph has the same node types as the float model's."""
+        """Whether onnxruntime folds the int8-stored weights of `stored` (the model with the layers of
+        `self.store` stored) back into constants at load: its optimized graph has the same node
+        types as the float model's."""
         return collections.Counter(optimized_op_types(stored)) == collections.Counter(optimized_op_types(self.model))
+
+    def folding_alone(self, store: dict[str, LayerQuant]) -> dict[str, LayerQuant]:
+        """The layers of `store` whose int8-stored weight onnxruntime folds back at load, each checked
+        in a model of that layer alone (big models: a session over the whole int8-stored model
+        would fold every layer at once and hold each one's Cast and Mul outputs together, about 3x
+        the float weights). Onnxruntime decides each fold from the node and its constant inputs
+        alone (its output size cap included), so the answer is the whole model's, per layer."""
+        folds = {}
+        for name, lq in store.items():
+            n = self.nodes[name]
+            info = self.info.get(n.input[0])
+            float_layer = self.layer_model(n, info.shape if info and _static(info.shape) else None)
+            local = dataclasses.replace(lq, node=float_layer.graph.node[0].name)
+            stored_layer = apply_qdq(float_layer, {}, [], [local])
+            if collections.Counter(optimized_op_types(stored_layer)) == \
+                    collections.Counter(optimized_op_types(float_layer)):
+                folds[name] = lq
+            else:
+                self.rows[name]["weight_storage"] = "float (onnxruntime would not fold int8 storage at load)"
+        if len(folds) < len(store):
+            self.notes.append(f"onnxruntime does not fold the int8-stored weights of {len(store) - len(folds)} "
+                              f"of {len(store)} layers at load here: float weights kept for them")
+        return folds
 
     # ---- the pass -------------------------------------------------------------------------------
     def run(self):
@@ -519,7 +592,7 @@ class _Work:
             return self.model, list(self.rows.values()), stats, self.skipped
         first = next(iter(self.data))
         shapes = {k: tuple(v.shape) for k, v in first.items()}
-        info = infer_tensor_info(self.model, shapes)
+        info = self.info = infer_tensor_info(self.model, shapes)
         macs = dict(model_stats(self.model, shapes).macs_by_node)
         self.shapes: dict[str, tuple[int, ...]] = {}
         acts = self.act_params(cands)
@@ -560,7 +633,7 @@ class _Work:
         if self.opts.weight_storage == "int8":
             self.store = self.choose_storage(cands, stats)
             stored_only = self.build(acts, []) if self.store else self.model
-            if self.store and not self.storage_folds(stored_only):
+            if self.store and not self.big and not self.storage_folds(stored_only):
                 self.notes.append("onnxruntime does not fold the int8-stored weights at load here: float weights kept")
                 self.store = {}
             elif self.store:  # int8 compute is judged against the int8-stored model: storage has its own budget
@@ -583,6 +656,14 @@ class _Work:
                 self.rows[name].update(int8=False, why=f"sensitive (alone {sens[name]:.1f} dB)")
             kept = order[k:]
             stats["sqnr_all_int8_db"] = round(sqnr_with_float(0), 2)
+        while kept and self.opts.latency_aware:  # a layer kept float can leave its neighbours unfused
+            unfused = self.unfused(acts, [layers[k] for k in kept])
+            if not unfused:
+                break
+            for name in unfused:
+                self.rows[name].update(int8=False, why="onnxruntime leaves its int8 weight unfused in this model "
+                                                       "(dequantized every run)")
+            kept = [k for k in kept if k not in unfused]
         final = self.build(acts, [layers[k] for k in kept]) if kept or self.store else self.model
         if kept and self.opts.check_latency:
             final, kept = self.never_slower(acts, layers, kept, final, stats)

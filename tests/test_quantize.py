@@ -12,7 +12,7 @@ import onnxopt
 from onnxopt.graph import import_model
 from onnxopt.kernels.metrics import sqnr_db
 from onnxopt.pass_base import PassContext
-from onnxopt.qdq import optimized_op_types
+from onnxopt.qdq import optimized_nodes, optimized_op_types
 from onnxopt.registry import get_pass
 from onnxopt.runtime import make_session
 
@@ -111,14 +111,15 @@ def test_int8_symmetric_activations_and_per_tensor_option():
 
 
 def test_no_qdq_around_ops_that_gain_nothing():
-    """One Q per quantized tensor: layer inputs and Conv outputs; the MatMul output feeds a float
-    Sigmoid, so it stays float (onnxruntime runs MatMulIntegerToFloat); pooling gets none."""
+    """One Q per quantized tensor: layer inputs, Conv and MatMul outputs (the MatMul feeds a float
+    Sigmoid, yet gets its Q: whether onnxruntime fuses a float-output QDQ MatMul depends on the
+    graph around it, QLinearMatMul always fuses); pooling gets none."""
     res = _quantize(_net(), latency_aware=False, accuracy_aware=False, check_latency=False)
     q_inputs = [n.input[0] for n in res.model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q_inputs) == len(set(q_inputs))
     producers = {o: n.op_type for n in res.model.graph.node for o in n.output}
     assert sorted(producers.get(t, "input") for t in q_inputs) == \
-        sorted(["input", "Conv", "Relu", "Conv", "Flatten", "Sigmoid"])
+        sorted(["input", "Conv", "Relu", "Conv", "Flatten", "MatMul", "Sigmoid"])
 
 
 def test_pass_through_ops_share_the_scale_of_their_input():
@@ -319,3 +320,80 @@ def test_bias_correction_gives_bias_less_convs_an_int32_bias():
     assert len(q_conv.input) == 3 and q_conv.input[2].endswith("_b_dq")
     x = _data(1, seed=3)[0]
     assert sqnr_db(make_session(model).run(None, x)[0], make_session(res.model).run(None, x)[0]) > 20
+
+
+def test_timings_are_kept_per_cpu(monkeypatch, tmp_path):
+    """A timing cache carried to another machine (a shared home, a baked image) must not decide
+    there: the cache file is named for the CPU's model and instruction-set flags."""
+    from onnxopt import timing
+
+    monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
+    here = timing.TimingCache("quantize")
+    here.put("layer", [1.0, 2.0])
+    assert timing.cpu_fingerprint() in here.path.name
+    monkeypatch.setattr(timing, "cpu_fingerprint", lambda: "another-cpu")
+    elsewhere = timing.TimingCache("quantize")
+    assert elsewhere.path != here.path and elsewhere.get("layer") is None
+    assert timing.TimingCache("quantize", path=here.path).get("layer") == [1.0, 2.0]
+
+
+
+MATMUL_ADD = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 64] x) => (float[1, 32] y) {
+    h = MatMul (x, W1)
+    r = Relu (h)
+    m = MatMul (r, W2)
+    y = Add (m, B2)
+}
+"""
+
+CONV_TRANSPOSE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 16, 8, 8] x) => (float[1, 8, 16, 16] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, W1)
+    r = Relu (h)
+    y = ConvTranspose <strides = [2, 2]> (r, W2)
+}
+"""
+
+
+def _with_weights(text: str, **shapes) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), k)
+                                   for k, shape in shapes.items())
+    return model
+
+
+def _left_weight_dq(model: onnx.ModelProto) -> list[str]:
+    """Weight DequantizeLinear nodes still in onnxruntime's optimized graph (run on every call)."""
+    return [n.name for n in optimized_nodes(model)
+            if n.op_type == "DequantizeLinear" and n.name.endswith("_w_DequantizeLinear")]
+
+
+def test_matmul_outputs_are_quantized_so_onnxruntime_fuses_them():
+    """onnxruntime fuses no QDQ MatMul with a float output (a MatMul + Add becomes a float Gemm with
+    the weight dequantized on every call), so a MatMul's output always gets its Q."""
+    model = _with_weights(MATMUL_ADD, W1=(64, 96), W2=(96, 32), B2=(32,))
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(6)]
+    res = _quantize(model, data, latency_aware=False, accuracy_aware=False, check_latency=False)
+    assert all(r["int8"] for r in _pass_report(res)["details"])
+    assert collections.Counter(optimized_op_types(res.model))["QLinearMatMul"] == 2
+    assert not _left_weight_dq(res.model)
+
+
+def test_a_layer_onnxruntime_leaves_unfused_stays_float(monkeypatch):
+    """onnxruntime's CPU EP has no integer ConvTranspose: its weight's DequantizeLinear would run on
+    every call. Even when the per-layer timings say int8 is faster, the pass sees the surviving
+    DequantizeLinear in onnxruntime's optimized graph and keeps that layer float, the Conv int8."""
+    from onnxopt import timing
+
+    monkeypatch.setattr(timing.TimingCache, "measure", lambda self, key, models, feeds, runs=20: [2.0, 1.0])
+    model = _with_weights(CONV_TRANSPOSE, W1=(32, 16, 3, 3), W2=(32, 8, 2, 2))
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 16, 8, 8)).astype(np.float32)} for i in range(6)]
+    res = _quantize(model, data, accuracy_aware=False, check_latency=False)
+    conv, deconv = _pass_report(res)["details"]  # in graph order
+    assert conv["int8"], conv
+    assert not deconv["int8"] and "unfused" in deconv["why"], deconv
+    assert not _left_weight_dq(res.model)

@@ -91,3 +91,32 @@ def test_truncated_external_data_is_one_clear_error(staged):
     data.write_bytes(data.read_bytes()[: K * M * 4 + 100])
     with pytest.raises(UserError, match="truncated: tensor 'W2'"):
         load_model(staged)
+
+
+@pytest.mark.parametrize("cap", [None, 1024])
+def test_int8_storage_check_layer_by_layer_agrees_with_whole_model(staged, monkeypatch, cap):
+    """A staged model checks that onnxruntime folds each int8-stored weight back at load in a model
+    of that layer alone (a whole-model session would fold them all at once); small models check the
+    whole model. With onnxruntime's constant-folding output cap below the weights' size both must
+    keep float weights, and without it both must store int8."""
+    from onnxopt import qdq, runtime
+
+    def capped(threads=2, optimize=True):
+        so = runtime.session_options(threads, optimize)
+        if cap is not None:
+            so.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes", str(cap))
+        return so
+
+    monkeypatch.setattr(qdq, "session_options", capped)
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, K), dtype=np.float32)} for _ in range(4)]
+    pipeline = "fold,quantize{check_latency=false,latency_aware=false,target_sqnr=200}"
+    answers = []
+    for threshold in (weights.MAP_EXTERNAL_BYTES, 1 << 40):
+        monkeypatch.setattr(weights, "MAP_EXTERNAL_BYTES", threshold)
+        result = optimize(str(staged), pipeline, calibration=calib)
+        assert weights.has_external(result.model) == (threshold < 1 << 40)
+        stats = result.report["passes"][-1]["stats"]
+        answers.append(any("does not fold" in n for n in stats["notes"]))
+        assert stats["int8_stored_layers"] == (0 if cap else 2), stats
+    assert answers == [cap is not None] * 2, answers

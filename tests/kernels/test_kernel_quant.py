@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnxopt.kernels import quant as quant_kernels
 from onnxopt.kernels.quant import (
     block_layout,
     quantize_weight_blocks,
@@ -192,3 +193,24 @@ def test_block_weights_round_trip_within_half_a_step_and_beat_per_channel(o, k, 
     qc, sc, _ = quantize_weight_per_channel(w, axis)
     per_channel = dequantize(qc, sc, 0, axis=axis)
     assert np.sum((back - w) ** 2) <= np.sum((per_channel - w) ** 2) + 1e-9
+
+
+@pytest.mark.parametrize("shape,axis", [((70, 9), 0), ((70, 9), 1), ((33, 4, 3, 3), 0), ((64, 40), 1), ((5,), 0)])
+def test_weights_quantized_in_slabs_equal_whole(monkeypatch, shape, axis):
+    """Big weights are processed a slab of rows at a time; any slab size gives the same bits."""
+    w = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 3
+    w.reshape(-1)[3] = 40.0  # one outlier: its slab alone sees it
+    whole = (quantize_weight_per_tensor(w), quantize_weight_per_channel(w, axis),
+             quantize_weight_per_channel(w, axis, reduce_range=True), quantize_weight_blocks(w, axis, 16),
+             u8s8_saturates(quantize_weight_per_channel(w, axis)[0], [a for a in range(w.ndim) if a != axis]))
+    monkeypatch.setattr(quant_kernels, "SLAB_ELEMENTS", 7)
+    sliced = (quantize_weight_per_tensor(w), quantize_weight_per_channel(w, axis),
+              quantize_weight_per_channel(w, axis, reduce_range=True), quantize_weight_blocks(w, axis, 16),
+              u8s8_saturates(quantize_weight_per_channel(w, axis)[0], [a for a in range(w.ndim) if a != axis]))
+    for a, b in zip(whole[:4], sliced[:4]):
+        if a is None:
+            assert b is None
+            continue
+        for x, y in zip(a, b):
+            assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+    assert whole[4] == sliced[4]
