@@ -9,8 +9,8 @@ slower stay float. Then each remaining layer is quantized alone to measure
 its sensitivity (output SQNR), and the most sensitive ones are kept float
 until the whole model meets `target_sqnr`. A layer whose int8 weight
 onnxruntime leaves unfused in the whole model (a DequantizeLinear that would
-run every time, e.g. a MatMul it first merges with an Add into a float Gemm)
-stays float too. The per-layer trials are
+run every time: ConvTranspose on the CPU EP, which has no integer kernel for
+it) stays float too. The per-layer trials are
 independent and run through the executor in `ctx.settings["executor"]`
 (`onnxopt.sensitivity`; None: in this process), with the same results
 wherever they run; the search for how many layers to keep float stays serial.
@@ -517,7 +517,8 @@ class _Work:
     def unfused(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> list[str]:
         """The layers among `layers` whose weight DequantizeLinear survives onnxruntime's optimization
         of the whole model: no integer kernel took them, so the weight would be dequantized on every
-        run (e.g. a MatMul that onnxruntime first merges with its Add into a float Gemm)."""
+        run (ConvTranspose on the CPU EP; a float-output MatMul before `qdq_tensors` gave every
+        MatMul its output Q)."""
         left = {n.name for n in optimized_nodes(self.loaded_form(acts, layers)) if n.op_type == "DequantizeLinear"}
         return [lq.node for lq in layers if weight_dq_name(lq.node) in left]
 
