@@ -102,27 +102,6 @@ def outputs(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
     return y
 
 
-def latency_ratio(original: str | os.PathLike, optimized: str | os.PathLike, x: np.ndarray, runs: int = 20) -> float:
-    """Median time of `optimized` over median time of `original` on `x`, CPU EP, 2 threads, runs
-    interleaved (both sessions held: this is the bench process, not the one whose memory is measured)."""
-    import statistics
-
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 2
-    sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in (original, optimized)]
-    times: list[list[float]] = [[], []]
-    for k in range(runs + 3):
-        for i, sess in enumerate(sessions):
-            t0 = time.perf_counter()
-            sess.run(None, {"x": x})
-            if k >= 3:
-                times[i].append(time.perf_counter() - t0)
-    return statistics.median(times[1]) / statistics.median(times[0])
-
-
 def run_measured(argv: list[str]) -> tuple[int, float, int, str]:
     """Run `python -m onnxopt.cli ARGV` in a child; (exit code, seconds, peak RSS bytes, stderr)."""
     import psutil
@@ -174,8 +153,17 @@ def _child(src: str, pipeline: str, out_dir: str, calib: str) -> None:
                 if k in stats}
         row.update(out_bytes=model_bytes(out), sqnr=_sqnr(ref, got), max_ref=float(np.abs(ref).max()),
                    external=Path(str(out) + ".data").exists(), what=what,
-                   latency=latency_ratio(src, out, x[:1]))
+                   latency=_latency_ratio(src, out, x[:1]))
     print(json.dumps(row))
+
+
+def _latency_ratio(original: Path | str, optimized: Path | str, x: np.ndarray) -> float:
+    """Median time of `optimized` over `original` on `x` (`onnxopt.timing`: interleaved runs, CPU EP,
+    2 threads; both sessions held: this is the bench process, not the one whose memory is measured)."""
+    from onnxopt.timing import median_latencies
+
+    t_original, t_optimized = median_latencies([str(original), str(optimized)], {"x": x}, runs=20)
+    return t_optimized / t_original
 
 
 def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:

@@ -213,6 +213,12 @@ class _Constants(collections.abc.Mapping):
         return t if is_external(t) else self[name]
 
 
+def _same_optimized_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether onnxruntime's optimized graphs of `a` and `b` have the same node types (so the
+    int8-stored weights of one were folded back into constants at load)."""
+    return collections.Counter(optimized_op_types(a)) == collections.Counter(optimized_op_types(b))
+
+
 def _static(shape: tuple | None) -> bool:
     """Whether `shape` is known and every dimension a positive number (a model of it can run)."""
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
@@ -558,7 +564,7 @@ class _Work:
         """Whether onnxruntime folds the int8-stored weights of `stored` (the model with the layers of
         `self.store` stored) back into constants at load: its optimized graph has the same node
         types as the float model's."""
-        return collections.Counter(optimized_op_types(stored)) == collections.Counter(optimized_op_types(self.model))
+        return _same_optimized_graph(stored, self.model)
 
     def folding_alone(self, store: dict[str, LayerQuant]) -> dict[str, LayerQuant]:
         """The layers of `store` whose int8-stored weight onnxruntime folds back at load, each checked
@@ -573,8 +579,7 @@ class _Work:
             float_layer = self.layer_model(n, info.shape if info and _static(info.shape) else None)
             local = dataclasses.replace(lq, node=float_layer.graph.node[0].name)
             stored_layer = apply_qdq(float_layer, {}, [], [local])
-            if collections.Counter(optimized_op_types(stored_layer)) == \
-                    collections.Counter(optimized_op_types(float_layer)):
+            if _same_optimized_graph(stored_layer, float_layer):
                 folds[name] = lq
             else:
                 self.rows[name]["weight_storage"] = "float (onnxruntime would not fold int8 storage at load)"
