@@ -48,16 +48,25 @@ def median_latencies(models: list[onnx.ModelProto | str], feeds: dict[str, np.nd
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_fingerprint() -> str:
-    """A short hash of this CPU's model name and instruction-set flags (`/proc/cpuinfo`, else the
-    platform): timings from another CPU (say, one without VNNI) must not decide anything here."""
+def cpu_info() -> dict[str, str]:
+    """This CPU's identity from `/proc/cpuinfo` (first entry of "model name", "flags", "Features",
+    "CPU part"); empty where there is no such file."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())
-                  if k.strip() in ("model name", "flags", "Features", "CPU part")}
-        ident = json.dumps(sorted(fields.items()))
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        ident = platform.machine() + platform.processor()
+        return {}
+    fields: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in text.splitlines()):
+        if key.strip() in ("model name", "flags", "Features", "CPU part"):
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_fingerprint() -> str:
+    """A short hash of this CPU's model name and instruction-set flags (`cpu_info`, else the
+    platform): timings from another CPU (say, one without VNNI) must not decide anything here."""
+    info = cpu_info()
+    ident = json.dumps(sorted(info.items())) if info else platform.machine() + platform.processor()
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 

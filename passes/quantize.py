@@ -41,7 +41,6 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -67,7 +66,7 @@ from onnxopt.registry import register_pass
 from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivity
 from onnxopt.shapes import TensorInfo, infer_tensor_info
 from onnxopt.stats import model_stats, node_macs
-from onnxopt.timing import TimingCache
+from onnxopt.timing import TimingCache, cpu_info
 from onnxopt.weights import has_external, is_external, mapped
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -76,11 +75,7 @@ STORAGE = ("int8", "float")
 
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI (u8s8 dot products without int16 saturation)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_vnni|avx_vnni)\b", flags))
+    return bool(re.search(r"\b(avx512_vnni|avx_vnni)\b", cpu_info().get("flags", "")))
 
 
 @register_pass("quantize")
