@@ -185,6 +185,10 @@ class CovarianceAccumulator:
         self.count += other.count
         return self
 
+    def finite(self) -> bool:
+        """True when every sum is finite (no inf/NaN was seen in the rows)."""
+        return bool(np.isfinite(self.sum_xtx).all() and np.isfinite(self.sum_x).all())
+
     def second_moment(self) -> np.ndarray:
         """E[x^T x] (the matrix :func:`whitened_svd` wants); zeros when empty."""
         return self.sum_xtx / max(self.count, 1)

@@ -77,7 +77,8 @@ def output_energy(W: np.ndarray, second_moment: np.ndarray, mean: np.ndarray,
                   bias: np.ndarray | None = None) -> float:
     """E||x W + b||^2 per row from the input moments E[x^T x] and E[x]."""
     W = np.asarray(W, dtype=np.float64)
-    e = float(np.einsum("ij,ik,kj->", W, np.asarray(second_moment, dtype=np.float64), W))
+    # trace(W^T S W) as one BLAS product: a three-operand einsum runs unblocked (33 s on MiniLM)
+    e = float(np.sum((np.asarray(second_moment, dtype=np.float64) @ W) * W))
     if bias is not None:
         b = np.asarray(bias, dtype=np.float64).reshape(-1)
         e += 2.0 * float(np.asarray(mean, dtype=np.float64) @ W @ b) + float(b @ b)

@@ -22,6 +22,10 @@ __all__ = [
     "sqnr_db",
     "topk_agreement",
     "nan_inf_count",
+    "nonfinite_mismatch",
+    "finite_pair",
+    "class_axis",
+    "distribution_rows",
     "compare",
 ]
 
@@ -107,6 +111,62 @@ def nan_inf_count(x: np.ndarray) -> dict[str, int]:
     if not np.issubdtype(a.dtype, np.floating):
         return {"nan": 0, "inf": 0}
     return {"nan": int(np.count_nonzero(np.isnan(a))), "inf": int(np.count_nonzero(np.isinf(a)))}
+
+
+def nonfinite_mismatch(ref: np.ndarray, cand: np.ndarray) -> int:
+    """Entries where the candidate's NaN/Inf pattern differs from the reference's.
+
+    An entry counts when exactly one side is NaN, or when one side is infinite
+    and the other is not the same infinity. Equal NaN/Inf entries do not count:
+    they are the reference's own values. Non-float arrays have none.
+    """
+    r, c = _pair(ref, cand)
+    r_nan, c_nan = np.isnan(r), np.isnan(c)
+    r_inf, c_inf = np.isinf(r), np.isinf(c)
+    inf_differs = (r_inf | c_inf) & ~(r_inf & c_inf & (np.sign(r) == np.sign(c)))
+    return int(np.count_nonzero((r_nan != c_nan) | (inf_differs & ~(r_nan | c_nan))))
+
+
+def finite_pair(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries (flattened, float64) where both arrays are finite.
+
+    The error metrics of arrays holding NaN or Inf are NaN; computed on these
+    entries they still say how far the finite values are, and the NaN/Inf
+    entries are judged apart with :func:`nonfinite_mismatch`.
+    """
+    r, c = _pair(ref, cand)
+    keep = np.isfinite(r) & np.isfinite(c)
+    return r[keep], c[keep]
+
+
+def class_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis that would hold classes: the last one longer than 1 (trailing 1s, as in
+    `[N, C, 1, 1]`, are skipped); None when every axis has length <= 1."""
+    for axis in range(len(shape) - 1, -1, -1):
+        if shape[axis] > 1:
+            return axis
+    return None
+
+
+def distribution_rows(x: np.ndarray, axis: int, tol: float = 1e-3) -> bool:
+    """Whether every row of `x` along `axis` is a probability distribution, or its log.
+
+    Probabilities: entries in [0, 1] (to `tol`) summing to 1 within `tol`,
+    as a softmax writes them. Log-probabilities: entries <= 0 whose
+    log-sum-exp is 0 within `tol`, as a log-softmax writes them. An array with
+    NaN or Inf, or with a row of one entry, is neither.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0 or a.size == 0 or a.shape[axis] < 2 or not np.all(np.isfinite(a)):
+        return False
+    a = np.moveaxis(a, axis, -1)
+    if a.min() >= -tol and a.max() <= 1 + tol and np.all(np.abs(a.sum(axis=-1) - 1.0) <= tol):
+        return True
+    if a.max() <= tol:
+        peak = a.max(axis=-1, keepdims=True)
+        lse = peak[..., 0] + np.log(np.exp(a - peak).sum(axis=-1))
+        return bool(np.all(np.abs(lse) <= tol))
+    return False
 
 
 def _json_float(v: float | None) -> float | str | None:

@@ -162,6 +162,16 @@ def _slabs(shape: Sequence[int]) -> list[slice]:
     return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
 
 
+def all_finite(w: np.ndarray) -> bool:
+    """True when `w` holds no inf/NaN; checked slab by slab, so a 1 GB weight needs no 1 GB mask."""
+    w = np.asarray(w)
+    if w.dtype.kind not in "fc":
+        return True
+    if w.ndim == 0:
+        return bool(np.isfinite(w))
+    return all(bool(np.isfinite(w[sl]).all()) for sl in _slabs(w.shape))
+
+
 def _by_slab(shape: Sequence[int], fn) -> np.ndarray:
     """An int8 array of `shape` filled slab by slab: ``fn(slab)`` gives the values of ``[slab]``."""
     q = np.empty(tuple(shape), np.int8)

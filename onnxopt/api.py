@@ -7,27 +7,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import onnx
 
 from onnxopt.check import check_models, loosest
 from onnxopt.data import CalibrationData, Sample
 from onnxopt.manager import PassManager
-from onnxopt.model_io import load_model, save_model
+from onnxopt.model_io import Reference, check_output_path, gate, load_model, model_files, save_model, signature
 from onnxopt.pass_base import PassContext
+from onnxopt.pinning import pin_input_shapes
 from onnxopt.pipeline import DEFAULT_PIPELINE, build_pipeline
+from onnxopt.provenance import record_provenance
 from onnxopt.stats import model_stats
 
 
 @dataclass
 class Result:
-    """An optimized model with its report (a JSON-ready dict)."""
+    """An optimized model with its report (a JSON-ready dict).
+
+    `reference` is what the save gate compares the model with (the original's
+    signature and pinned shapes); `protected` the input's files, never overwritten.
+    """
 
     model: onnx.ModelProto
     report: dict[str, Any] = field(default_factory=dict)
+    reference: Reference | None = None
+    protected: frozenset[Path] = frozenset()
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-        """Write the model atomically (external data when asked or over 2 GB)."""
-        out = save_model(self.model, path, external_data)
+        """Check the model with the save gate (`onnxopt.model_io.gate`: checker, whole signature,
+        onnxruntime load), then write it atomically (external data when asked or over 2 GB).
+
+        Raises `GateFailed` (nothing written) when the model fails the gate.
+        """
+        check_output_path(path, protected=self.protected)
+        gate(self.model, self.reference)
+        out = save_model(self.model, path, external_data, protected=self.protected)
         self.report["output"] = str(out)
         return out
 
@@ -35,12 +50,14 @@ class Result:
 def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str = DEFAULT_PIPELINE,
              calibration: str | os.PathLike | Iterable[Sample] | None = None, check: int = 0,
              input_shapes: dict[str, tuple[int, ...]] | None = None, dump_dir: str | os.PathLike | None = None,
-             verify_each: bool = False, settings: dict[str, Any] | None = None) -> Result:
+             verify_each: bool = False, settings: dict[str, Any] | None = None,
+             input_values: dict[str, np.ndarray] | None = None) -> Result:
     """Optimize a model with `pipeline` (e.g. "fold,fuse,quantize{method=entropy}").
 
     `calibration`: a directory of .npz samples, one stacked .npz, or an iterable of
     {input_name: array}. `check`: compare with the original on that many seeded
-    inputs on the CPU EP; the result's report carries the verdict.
+    inputs on the CPU EP; the result's report carries the verdict. `input_values`
+    fixes inputs of the seeded check data (control inputs such as a sample rate).
     """
     t0 = time.perf_counter()
     source = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else None
@@ -50,6 +67,10 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     else:
         original = onnx.ModelProto()
         original.CopyFrom(model_or_path)
+    reference = Reference(signature(original), pinned=input_shapes,
+                          load=(lambda: load_model(source)) if source is not None else (lambda: model_or_path))
+    protected = frozenset(model_files(source)) if source is not None else frozenset()
+    pinned = pin_input_shapes(original, input_shapes)  # --input-shape rewrites the inputs (onnxopt.pinning)
     calib = CalibrationData(calibration, original) if calibration is not None else None
     for p in passes:
         if p.needs_data and calib is None:
@@ -60,11 +81,14 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     # `original` is ours (loaded or copied): the result is written into it, so untouched
     # weights are never held twice; the check reads the reference again
     model = pm.run_model(original, consume=True)
+    pinned.update_outputs(model)  # outputs the passes made static take their pinned dims
+    record_provenance(model, pipeline, loosest([p.tolerance for p in passes]))  # read by `validate`
     del original
     after = model_stats(model, input_shapes)
     report: dict[str, Any] = {
         "input": source,
         "pipeline": pipeline,
+        "pinned": pinned.to_dict(),
         "before": before.to_dict(),
         "after": after.to_dict(),
         "passes": [vars(r) for r in pm.records],
@@ -73,8 +97,9 @@ def optimize(model_or_path: onnx.ModelProto | str | os.PathLike, pipeline: str =
     if check:
         tol = loosest([p.tolerance for p in passes])
         samples = list(calib)[:check] if calib is not None else None
-        reference = load_model(source) if source is not None else model_or_path
-        report["check"] = check_models(reference, model, check, tol, samples, input_shapes).to_dict()
-    return Result(model, report)
+        original_again = load_model(source) if source is not None else model_or_path
+        report["check"] = check_models(original_again, model, check, tol, samples, input_shapes,
+                                       values=input_values).to_dict()
+    return Result(model, report, reference, protected)
 
 

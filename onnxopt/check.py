@@ -6,12 +6,15 @@ match to float rounding; quantization is judged by SQNR; approximate passes
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxopt.data import Sample, seeded_inputs
+from onnxopt.errors import UserError
 from onnxopt.kernels.metrics import compare
 from onnxopt.runtime import make_session, run
 
@@ -72,25 +75,122 @@ def _number(v) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _flat_outputs(outputs: dict[str, object]) -> dict[str, np.ndarray | None]:
+    """Outputs by name with sequences spread into `name[i]` entries (compared one by one)."""
+    flat: dict[str, np.ndarray | None] = {}
+    for name, v in outputs.items():
+        if isinstance(v, list):
+            flat[f"{name}#len"] = np.array(len(v))
+            flat.update({f"{name}[{i}]": np.asarray(x) for i, x in enumerate(v)})
+        else:
+            flat[name] = None if v is None else np.asarray(v)
+    return flat
+
+
+def _control_values(model: onnx.ModelProto, name: str) -> list:
+    """Constants the graph compares input `name` with (`Equal(name, c)`, in any subgraph): the values a
+    control input such as a sample rate is meant to take."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    found: list = []
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            if node.op_type == "Constant" and node.output:
+                for a in node.attribute:
+                    if a.name == "value":
+                        consts[node.output[0]] = a.t
+            for a in node.attribute:
+                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            if node.op_type == "Equal" and name in node.input:
+                other = [i for i in node.input if i != name]
+                if other and other[0] in consts:
+                    v = numpy_helper.to_array(consts[other[0]])
+                    if v.size == 1 and v.item() not in found:
+                        found.append(v.item())
+            for a in node.attribute:
+                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
+    return sorted(found)
+
+
+def _input_caused(original: onnx.ModelProto, exc: Exception, feeds: dict, generated: bool,
+                  fixed: frozenset[str] = frozenset()) -> UserError:
+    """The error for an original model that fails on the check inputs: name the likely input and the fix.
+
+    Inputs the user fixed (`fixed`, from --input-value) are not blamed; when no other control input is
+    left, the sizes given to dynamic axes are."""
+    from onnxopt.data import model_inputs
+
+    msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    msg = msg.rsplit("Status Message:", 1)[-1].rsplit(" was false. ", 1)[-1].strip()[:200]  # the failing node's words
+    if not generated:
+        return UserError(f"the original model itself fails on the calibration data ({msg}); "
+                         "check that the data matches what the model expects")
+    inputs = {k: v for k, v in model_inputs(original).items() if k not in fixed}
+    controls = [k for k, (dt, dims) in inputs.items() if dt.kind in "iub" and
+                all(isinstance(d, int) and d == 1 for d in dims)]
+    mentioned = [k for k in inputs if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", msg)]
+    dynamic = [k for k, (_, dims) in inputs.items() if any(not isinstance(d, int) or d < 0 for d in dims)]
+    if dynamic and not controls and not mentioned:
+        sizes = ", ".join(f"{k} {list(np.shape(feeds[k]))}" for k in dynamic if k in feeds
+                          and not isinstance(feeds[k], list))
+        return UserError(f"the original model itself fails on the generated check inputs ({msg}); their "
+                         f"dynamic axes were given 1 (first axis) and 64 (others): {sizes}: give real inputs "
+                         "with --calib, or pin the sizes the model needs with --input-shape")
+    named = [k for k in mentioned if k in controls] or controls or mentioned or list(inputs)
+    name = named[0]
+    hint = _control_values(original, name)
+    example = hint[-1] if hint else "VALUE"
+    shown = np.asarray(feeds.get(name)).ravel()[:4].tolist() if not isinstance(feeds.get(name), list) else "a list"
+    known = f" (the model compares it with {', '.join(map(str, hint))})" if hint else ""
+    return UserError(f"the original model itself fails on the generated check inputs ({msg}); input '{name}' "
+                     f"was random {shown}{known}: fix it with --input-value {name}={example}, or give real "
+                     "inputs with --calib")
+
+
 def check_models(original: onnx.ModelProto, result: onnx.ModelProto, n: int, tolerance: str = "exact",
-                 samples: list[Sample] | None = None, input_shapes: dict | None = None, seed: int = 0) -> CheckResult:
-    """Compare outputs of `original` and `result` on `n` seeded samples (or the given ones)."""
-    samples = samples if samples is not None else seeded_inputs(original, n, seed, input_shapes)
+                 samples: list[Sample] | None = None, input_shapes: dict | None = None, seed: int = 0,
+                 values: dict[str, np.ndarray] | None = None) -> CheckResult:
+    """Compare outputs of `original` and `result` on `n` seeded samples (or the given ones).
+
+    `values` fixes inputs of the seeded samples (`--input-value`). When the original
+    itself fails on the inputs, that is the inputs' fault: a `UserError` naming the
+    input and the fix. Sequence outputs are compared element by element.
+    """
+    generated = samples is None
+    samples = samples if samples is not None else seeded_inputs(original, n, seed, input_shapes, values)
     ref_s, cand_s = make_session(original), make_session(result)
+    names = [o.name for o in ref_s.get_outputs()]
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failing original is reported once, as a UserError, not logged by onnxruntime
     worst: dict[str, dict] = {}
     problems: list[str] = []
     for i, feeds in enumerate(samples):
-        ref, cand = run(ref_s, feeds), run(cand_s, feeds)
+        try:
+            ref = _flat_outputs(dict(zip(names, ref_s.run(names, feeds, quiet))))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise _input_caused(original, exc, feeds, generated, frozenset(values or ())) from None
+        cand = _flat_outputs(run(cand_s, feeds))
         for name, r in ref.items():
             if name not in cand:
                 problems.append(f"output '{name}' missing")
                 continue
             c = cand[name]
+            if r is None or c is None:
+                if (r is None) != (c is None):
+                    problems.append(f"sample {i} output '{name}': optional value present in only one model")
+                continue
             m = compare(r, c) if r.shape == c.shape else {"max_abs_error": "inf", "cosine": 0.0, "sqnr_db": "-inf"}
             w = worst.get(name)
             if w is None or _number(m["max_abs_error"]) > _number(w["max_abs_error"]):
                 worst[name] = m
-            v = _violation(tolerance, np.asarray(r), np.asarray(c), m)
+            v = _violation(tolerance, r, c, m)
             if v:
                 problems.append(f"sample {i} output '{name}': {v}")
     ok = not problems

@@ -6,6 +6,8 @@ traceback), 3 internal error (the line names a saved reproducer).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -58,7 +60,11 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
                    help="compare original and result on the CPU EP with N inputs (calibration samples if given, "
                         "else seeded random); exit 1 if they differ beyond the passes' tolerance")
     p.add_argument("--input-shape", action="append", metavar="NAME=D0xD1..",
-                   help="pin dynamic input axes for MAC counts and random check inputs (repeatable)")
+                   help="rewrite the input to this static shape before the passes run, so shape-dependent "
+                        "arithmetic folds (also NAME:D0,D1,...; repeatable); also used for MACs and check inputs")
+    p.add_argument("--input-value", action="append", metavar="NAME=VALUE",
+                   help="fix an input of the generated --check data, e.g. a sample rate: sr=16000 "
+                        "(a scalar, or a comma list V1,V2,...; repeatable)")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after every pass into DIR")
     p.add_argument("--verify-each", action="store_true",
                    help="run onnx.checker and load in onnxruntime after every pass (catches the pass at fault)")
@@ -79,15 +85,22 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from onnxopt.api import optimize
     from onnxopt.check import loosest
-    from onnxopt.model_io import check_output_path
+    from onnxopt.data import parse_input_values
+    from onnxopt.model_io import check_data_beside, check_output_path, data_file_of
     from onnxopt.pipeline import build_pipeline
     from onnxopt.report import format_report, write_json
     from onnxopt.shapes import parse_input_shapes
 
     src = Path(args.input)
     check_output_path(args.output, (args.input,))
+    if args.external_data:
+        check_data_beside(args.output)
     if args.report:
+        out_files = {Path(args.output).resolve(), data_file_of(args.output)}
+        if Path(args.report).resolve() in out_files:
+            raise UserError(f"--report {args.report}: is the output model (or its data file); choose another path")
         check_output_path(args.report, (args.input,))
+    input_values = parse_input_values(args.input_value)
     passes = build_pipeline(args.pipeline)  # bad pass names/options fail before the model is read
     eps = None
     if args.validate:
@@ -99,7 +112,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     with executor_from_args(args) as executor:
         result = optimize(src, pipeline=args.pipeline, calibration=args.calib, check=args.check,
                           input_shapes=parse_input_shapes(args.input_shape), dump_dir=args.dump_dir,
-                          verify_each=args.verify_each, settings={"executor": executor})
+                          verify_each=args.verify_each, settings={"executor": executor}, input_values=input_values)
         check = result.report.get("check")
         if check is not None and not check["ok"]:
             if args.report:
@@ -134,18 +147,46 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxopt.data import model_inputs
+    """Print a model's signature (tensor, sequence and optional values), op counts, size and MACs.
+
+    Counts cover the bodies of If/Loop/Scan nodes too; the main graph's own node
+    count is shown beside the total.
+    """
+    import onnx
+
+    from onnxopt.data import value_kind
     from onnxopt.model_io import load_model
     from onnxopt.report import human_bytes, human_count, table, to_json
-    from onnxopt.shapes import parse_input_shapes
+    from onnxopt.shapes import numpy_dtype, parse_input_shapes
     from onnxopt.stats import model_stats
 
+    def describe(vi: onnx.ValueInfoProto) -> dict:
+        kind, tt = value_kind(vi.type)
+        if tt is None:
+            return {"kind": kind, "dtype": None, "shape": None}
+        try:
+            dtype = str(numpy_dtype(tt.elem_type)) if tt.elem_type else "?"
+        except Exception:  # an element type numpy has no name for (e.g. float8): ONNX's name
+            dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim] \
+            if tt.HasField("shape") else None
+        return {"kind": kind, "dtype": dtype, "shape": shape}
+
+    def text(v: dict) -> str:
+        inner = v["kind"] if v["dtype"] is None else \
+            f"{v['dtype']} {v['shape'] if v['shape'] is not None else '(rank unknown)'}"
+        return inner if v["kind"] == "tensor" or v["dtype"] is None else f"{v['kind']}<{inner}>"
+
     model = load_model(args.model)
-    stats = model_stats(model, parse_input_shapes(args.input_shape))
-    inputs = {k: {"dtype": str(v[0]), "shape": [d if d is not None else "?" for d in v[1]]}
-              for k, v in model_inputs(model).items()}
-    outputs = {o.name: [d.dim_value or d.dim_param or "?" for d in o.type.tensor_type.shape.dim]
-               for o in model.graph.output}
+    pins = parse_input_shapes(args.input_shape)
+    if pins:
+        from onnxopt.pinning import check_pinnable
+
+        check_pinnable(model, pins)  # unknown names and wrong ranks are errors, never ignored
+    stats = model_stats(model, pins)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = {vi.name: describe(vi) for vi in model.graph.input if vi.name not in inits}
+    outputs = {vi.name: describe(vi) for vi in model.graph.output}
     info = {"path": args.model, "ir_version": model.ir_version,
             "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
             "inputs": inputs, "outputs": outputs, "metadata": {p.key: p.value[:80] for p in model.metadata_props},
@@ -155,11 +196,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{args.model}: IR {model.ir_version}, opsets {info['opsets']}")
     for k, v in inputs.items():
-        print(f"  input  {k}: {v['dtype']} {v['shape']}")
+        print(f"  input  {k}: {text(v)}")
     for k, v in outputs.items():
-        print(f"  output {k}: {v}")
-    print(f"  {stats.nodes} nodes, {human_count(stats.parameters)} parameters ({human_bytes(stats.weight_bytes)}), "
-          f"{human_count(stats.macs)} MACs at {dict(stats.input_shapes)}")
+        print(f"  output {k}: {text(v)}")
+    inside = stats.nodes - stats.main_graph_nodes
+    nodes = f"{stats.nodes} nodes ({stats.main_graph_nodes} in the main graph, {inside} in If/Loop/Scan bodies)" \
+        if inside else f"{stats.nodes} nodes"
+    notes = [f"{stats.macs_uncounted} MAC layers not counted (shapes unknown)"] if stats.macs_uncounted else []
+    if stats.loops_counted_once:
+        notes.append(f"{stats.loops_counted_once} Loop bodies counted once (trip count not a constant)")
+    print(f"  {nodes}, {human_count(stats.parameters)} parameters ({human_bytes(stats.weight_bytes)}), "
+          f"{human_count(stats.macs)} MACs at {dict(stats.input_shapes)}" + "".join(f"; {n}" for n in notes))
     print(table(["op", "count"], sorted(stats.ops.items(), key=lambda kv: (-kv[1], kv[0]))))
     return EXIT_OK
 
@@ -255,21 +302,49 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER)
 
 
-def _save_reproducer(argv: list[str], exc: BaseException) -> Path:
-    """Write the command line, traceback and input model of a crash into a new directory."""
+def save_reproducer(argv: list[str], exc: BaseException) -> Path:
+    """Write the command line, traceback and input model of a crash into a new directory of its own
+    (timestamped, never shared with another crash of the same second); a model the save gate
+    rejected (`GateFailed`) is saved there too, as `rejected.onnx`."""
+    import shutil
+    import tempfile
+
     from onnxopt.paths import home
 
-    d = home() / "crashes" / time.strftime("%Y%m%d-%H%M%S")
-    d.mkdir(parents=True, exist_ok=True)
+    root = home() / "crashes"
+    root.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root))
     (d / "command.json").write_text(json.dumps({"argv": argv, "cwd": os.getcwd()}, indent=2))
     (d / "traceback.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     for a in argv:
         if a.endswith(".onnx") and Path(a).is_file() and Path(a).stat().st_size < 2**31:
-            import shutil
-
             shutil.copyfile(a, d / Path(a).name)
             break
+    rejected = getattr(exc, "model", None)
+    if rejected is not None:
+        from onnxopt.model_io import fits_in_protobuf, save_model
+
+        if fits_in_protobuf(rejected):
+            with contextlib.suppress(Exception):  # the reproducer is best effort; the error line matters more
+                save_model(rejected, d / "rejected.onnx")
     return d
+
+
+def _route_gs_logging(quiet: bool) -> None:
+    """onnx-graphsurgeon prints its warnings with print(), to stdout: send them to stderr, where they
+    cannot mix with reports or JSON, and keep only errors under --quiet."""
+    from onnx_graphsurgeon.logger import G_LOGGER as logger
+    if not getattr(logger, "_onnxopt_to_stderr", False):
+        log = logger.log
+
+        def to_stderr(*a, **k):
+            with contextlib.redirect_stdout(sys.stderr):
+                return log(*a, **k)
+
+        logger.log = to_stderr
+        logger._onnxopt_to_stderr = True
+    if quiet:
+        logger.severity = logger.ERROR
 
 
 def _on_signal(signum: int, frame) -> None:
@@ -288,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
     try:
+        _route_gs_logging(getattr(args, "quiet", False))
         return args.func(args)
     except UserError as exc:
         print(f"onnxopt: error: {exc}", file=sys.stderr)
@@ -303,7 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxopt: interrupted ({exc or 'SIGINT'}); no output written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the contract is: never a bare traceback
-        where = _save_reproducer(argv, exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: the user's to fix
+            print(f"onnxopt: error: {exc.strerror} writing {exc.filename or 'a file'}; free some space or write "
+                  "elsewhere", file=sys.stderr)
+            return EXIT_USER
+        from onnxopt.model_io import GateFailed
+
+        where = save_reproducer(argv, exc)
+        if isinstance(exc, GateFailed):  # the save gate refused the model: a bug of ours, nothing written
+            print(f"onnxopt: internal error: {str(exc)[:400]}; nothing written (reproducer with the rejected "
+                  f"model saved in {where}; please report it)", file=sys.stderr)
+            return EXIT_INTERNAL
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         print(f"onnxopt: internal error: {last[:300]} (reproducer saved in {where}; please report it)",
               file=sys.stderr)

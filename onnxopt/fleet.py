@@ -49,11 +49,13 @@ class ModelJob:
     calibration: str | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
     check: int = 0
+    protected: tuple[str, ...] = ()  # every job's input files: this job's output overwrites none of them
 
 
 @dataclass
 class JobResult:
-    """What happened to one model: status 'ok', 'check failed' or 'error'."""
+    """What happened to one model: status 'ok', 'check failed', 'rejected' (the save gate refused the
+    result: nothing written, a reproducer saved) or 'error'."""
 
     name: str
     status: str
@@ -73,7 +75,8 @@ def _shapes(value: Any, where: str) -> dict[str, tuple[int, ...]]:
 
 
 def load_manifest(path: str | Path) -> list[ModelJob]:
-    """Parse and check a manifest: every input exists, pipelines parse, outputs are distinct and writable."""
+    """Parse and check a manifest: every input exists, pipelines parse, outputs are distinct and writable,
+    and no output (or its external data file) is any model's input or one of its data files."""
     from onnxopt.model_io import check_output_path
     from onnxopt.pipeline import DEFAULT_PIPELINE, build_pipeline
 
@@ -129,12 +132,36 @@ def load_manifest(path: str | Path) -> list[ModelJob]:
             raise UserError(f"{where}: check must be a non-negative integer")
         shapes = _shapes(spec["input_shapes"], where) if "input_shapes" in spec else None
         jobs.append(ModelJob(name, str(src), str(out), pipeline, calib, shapes, check))
+    _check_collisions(p, jobs)
     return jobs
+
+
+def _check_collisions(manifest: Path, jobs: list[ModelJob]) -> None:
+    """Before any work: no job's output or data file is another job's input file (model or external
+    data), output or data file. Every job then protects every input file when it saves."""
+    from onnxopt.model_io import data_file_of, model_files
+
+    inputs = [model_files(job.input) for job in jobs]
+    owner: dict[Path, str] = {}
+    for job, files in zip(jobs, inputs):
+        for f in files:
+            owner.setdefault(f, f"an input file of '{job.name}'")
+    for job in jobs:
+        for f, what in ((Path(job.output).resolve(), "output"), (data_file_of(job.output), "external data file")):
+            if f in owner:
+                raise UserError(f"{manifest}: model '{job.name}': its {what} {f} is {owner[f]}; "
+                                "choose another output")
+        owner[Path(job.output).resolve()] = f"the output of '{job.name}'"
+        owner[data_file_of(job.output)] = f"the external data file of '{job.name}'"
+    every_input = tuple(sorted({str(f) for files in inputs for f in files}))
+    for job in jobs:
+        job.protected = every_input
 
 
 def optimize_one(job: ModelJob) -> JobResult:
     """Optimize one model and write its output (runs on a worker); failures come back as a result."""
     from onnxopt.api import optimize
+    from onnxopt.model_io import GateFailed
 
     t0 = time.perf_counter()
     try:
@@ -147,9 +174,17 @@ def optimize_one(job: ModelJob) -> JobResult:
         if check is not None and not check["ok"]:
             row.status, row.message = "check failed", str(check.get("message", ""))
         else:
+            result.protected = result.protected | {Path(f) for f in job.protected}
             result.save(job.output)
             row.output = job.output
         row.report = result.report
+    except GateFailed as exc:
+        from onnxopt.cli import save_reproducer
+
+        where = save_reproducer(["optimize", job.input, "-o", job.output, "-p", job.pipeline], exc)
+        row = JobResult(job.name, "rejected", message=f"{exc}; nothing written (reproducer in {where})")
+    except UserError as exc:
+        row = JobResult(job.name, "error", message=str(exc)[:300])
     except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the fleet
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         row = JobResult(job.name, "error", message=last[:300])
@@ -186,12 +221,15 @@ def add_optimize_many_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_optimize_many(args: argparse.Namespace) -> int:
-    """Run the command: 0 if every model was optimized, 1 if any failed, 2 for a bad manifest."""
+    """Run the command: 0 if every model was optimized, 1 if any failed, 2 for a bad manifest, 3 if the
+    save gate refused a result (a bug of ours: the summary names the reproducer)."""
     jobs = load_manifest(args.manifest)
     if args.report:
-        from onnxopt.model_io import check_output_path
+        from onnxopt.model_io import check_output_path, data_file_of
 
-        check_output_path(args.report)
+        taken = {Path(f) for f in jobs[0].protected} | {Path(j.output).resolve() for j in jobs} | \
+            {data_file_of(j.output) for j in jobs}
+        check_output_path(args.report, protected=frozenset(taken))
     with executor_from_args(args) as executor:
         results = optimize_many(jobs, executor)
     if args.report:
@@ -203,4 +241,4 @@ def run_optimize_many(args: argparse.Namespace) -> int:
         print(summary(results))
     for r in failed:
         print(f"onnxopt: {r.name}: {r.status}: {r.message}", file=sys.stderr)
-    return 1 if failed else 0
+    return 3 if any(r.status == "rejected" for r in failed) else 1 if failed else 0

@@ -34,7 +34,86 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     graph._onnxopt_ir_version = model.ir_version
     graph._onnxopt_functions = list(model.functions)
     graph._onnxopt_io_types = _unexportable_io_types(model.graph)
+    graph._onnxopt_declared_io = {vi.name: _copied(vi) for vi in list(model.graph.input) + list(model.graph.output)}
+    graph._onnxopt_node_docs = _node_doc_strings(graph, model.graph)
+    _apply_declared_io(graph, model.graph)
+    _keep_overridable_initializers(graph, model.graph, model.ir_version)
     return graph
+
+
+def _keep_overridable_initializers(graph: gs.Graph, g: onnx.GraphProto, ir_version: int) -> None:
+    """Initializers also listed as graph inputs are defaults the caller may override: gs drops them from
+    the inputs and makes them constants, which would let passes bake them in. They stay graph inputs
+    (variables, at their place in the signature) and their defaults are written back on export.
+
+    Below IR 4 every initializer had to be listed as an input, so the listing says nothing about the
+    author's intent; onnxruntime treats them as constants there, and so do we."""
+    inits = {t.name: t for t in g.initializer}
+    overridable = [vi.name for vi in g.input if vi.name in inits] if ir_version >= 4 else []
+    graph._onnxopt_overridable = {name: inits[name] for name in overridable}
+    if not overridable:
+        return
+    tensors = graph.tensors()
+    by_name = {t.name: t for t in graph.inputs}
+    declared = {vi.name: vi for vi in g.input}
+    for name in overridable:
+        init = inits[name]
+        t = tensors.get(name) or gs.Variable(name)
+        if isinstance(t, gs.Constant):
+            t.to_variable()
+        t.type = "tensor_type"
+        try:
+            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        except Exception:
+            t.dtype = init.data_type
+        tt = declared[name].type.tensor_type
+        # the declared input shape, which an override may fill differently; the default's dims if none
+        t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim] \
+            if tt.HasField("shape") else list(init.dims)
+        by_name[name] = t
+    graph.inputs = [by_name[vi.name] for vi in g.input if vi.name in by_name]
+
+
+def _copied(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A copy of a (small) ValueInfoProto, independent of the model proto an export may later rewrite."""
+    c = onnx.ValueInfoProto()
+    c.CopyFrom(vi)
+    return c
+
+
+def _node_doc_strings(graph: gs.Graph, g: onnx.GraphProto) -> dict[str, str]:
+    """Node doc strings by node name (gs drops them): main-graph nodes matched by position (gs keeps
+    the order, unnamed ones have just been named), subgraph nodes by their own names."""
+    docs = {n.name: p.doc_string for n, p in zip(graph.nodes, g.node) if p.doc_string}
+    for sub in all_graph_protos(g):
+        if sub is not g:
+            docs.update((p.name, p.doc_string) for p in sub.node if p.name and p.doc_string)
+    return docs
+
+
+def _declared_tensor(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, list | None]:
+    tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+    if tt is None:
+        return None, None
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim] \
+        if tt.HasField("shape") else None
+    return dtype, shape
+
+
+def _apply_declared_io(graph: gs.Graph, g: onnx.GraphProto) -> None:
+    """Give main-graph inputs/outputs the dtype and shape they declare where gs lost them: gs imports a
+    graph output from a `value_info` entry of the same name first, and one without a shape wins."""
+    inits = {t.name for t in g.initializer}
+    declared = [vi for vi in g.input if vi.name not in inits] + list(g.output)
+    for t, vi in zip(list(graph.inputs) + list(graph.outputs), declared):
+        if not isinstance(t, gs.Variable) or t.name != vi.name:
+            continue
+        dtype, shape = _declared_tensor(vi)
+        if t.dtype is None and dtype is not None:
+            t.dtype = dtype
+        if t.shape is None and shape is not None:
+            t.shape = shape
 
 
 class MappedValues(LazyValues):
@@ -63,7 +142,7 @@ _GS_TYPES = ("tensor_type", "sequence_type", "sparse_tensor_type")
 
 def _unexportable_io_types(g: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
     """Declared types of the graph inputs/outputs (subgraphs included) that gs cannot write back."""
-    return {vi.name: vi.type for cur in _all_graph_protos(g) for vi in list(cur.input) + list(cur.output)
+    return {vi.name: vi.type for cur in all_graph_protos(g) for vi in list(cur.input) + list(cur.output)
             if vi.type.WhichOneof("value") not in (None, *_GS_TYPES)}
 
 
@@ -71,41 +150,53 @@ def _unexportable_io_types(g: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
 _TYPE_ATTR_PREFIX = "_onnxopt_type_proto:"
 
 
-def _all_graph_protos(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """A GraphProto and all its subgraphs."""
+def subgraph_protos(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies a NodeProto holds in its graph attributes (If branches, Loop/Scan bodies)."""
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
+
+
+def all_graph_protos(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A GraphProto and all its subgraphs, outermost first."""
     stack = [g]
     while stack:
         cur = stack.pop()
         yield cur
         for node in cur.node:
-            for a in node.attribute:
-                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
+            stack.extend(subgraph_protos(node))
+
+
+#: Other attribute types gs drops, stashed the same way: SPARSE_TENSOR (`Constant <sparse_value=...>`).
+_SPARSE_ATTR_PREFIX = "_onnxopt_sparse_tensor:"
+_STASHED = {onnx.AttributeProto.TYPE_PROTO: (_TYPE_ATTR_PREFIX, "tp", onnx.TypeProto),
+            onnx.AttributeProto.SPARSE_TENSOR: (_SPARSE_ATTR_PREFIX, "sparse_tensor", onnx.SparseTensorProto)}
 
 
 def _stash_type_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model, or a copy whose TYPE_PROTO attributes are base64 strings gs keeps (undone on export)."""
-    if not any(a.type == onnx.AttributeProto.TYPE_PROTO for g in _all_graph_protos(model.graph)
-               for n in g.node for a in n.attribute):
+    """The model, or a copy whose TYPE_PROTO and SPARSE_TENSOR attributes are base64 strings gs keeps
+    (undone on export)."""
+    if not any(a.type in _STASHED for g in all_graph_protos(model.graph) for n in g.node for a in n.attribute):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for g in _all_graph_protos(copy.graph):
+    for g in all_graph_protos(copy.graph):
         for node in g.node:
             for a in node.attribute:
-                if a.type == onnx.AttributeProto.TYPE_PROTO:
-                    encoded = base64.b64encode(a.tp.SerializeToString()).decode()
-                    a.CopyFrom(onnx.helper.make_attribute(_TYPE_ATTR_PREFIX + a.name, encoded))
+                if a.type in _STASHED:
+                    prefix, field, _ = _STASHED[a.type]
+                    encoded = base64.b64encode(getattr(a, field).SerializeToString()).decode()
+                    a.CopyFrom(onnx.helper.make_attribute(prefix + a.name, encoded))
     return copy
 
 
 def _unstash_type_attributes(g: onnx.GraphProto) -> None:
-    for cur in _all_graph_protos(g):
+    for cur in all_graph_protos(g):
         for node in cur.node:
             for a in node.attribute:
-                if a.name.startswith(_TYPE_ATTR_PREFIX):
-                    tp = onnx.TypeProto()
-                    tp.ParseFromString(base64.b64decode(a.s))
-                    a.CopyFrom(onnx.helper.make_attribute(a.name[len(_TYPE_ATTR_PREFIX):], tp))
+                for prefix, _, cls in _STASHED.values():
+                    if a.name.startswith(prefix):
+                        value = cls()
+                        value.ParseFromString(base64.b64decode(a.s))
+                        a.CopyFrom(onnx.helper.make_attribute(a.name[len(prefix):], value))
 
 
 @contextlib.contextmanager
@@ -129,10 +220,37 @@ def _finish_export(graph: gs.Graph, g: onnx.GraphProto) -> None:
     if types:
         _restore_io_types(g, types)
     _unstash_type_attributes(g)
+    _restore_declared_io(g, getattr(graph, "_onnxopt_declared_io", {}))
+    docs = getattr(graph, "_onnxopt_node_docs", {})
+    if docs:
+        for cur in all_graph_protos(g):
+            for node in cur.node:
+                if not node.doc_string and node.name in docs:
+                    node.doc_string = docs[node.name]
+
+
+def _restore_declared_io(g: onnx.GraphProto, declared: dict[str, onnx.ValueInfoProto]) -> None:
+    """Main-graph inputs/outputs keep what gs cannot write: a sequence's or optional's element shape, a
+    declared shape or dtype a rewrite left unknown, doc strings. What a pass refined stays refined."""
+    for vi in list(g.input) + list(g.output):
+        d = declared.get(vi.name)
+        if d is None:
+            continue
+        if not vi.doc_string and d.doc_string:
+            vi.doc_string = d.doc_string
+        kind = d.type.WhichOneof("value")
+        if kind in ("sequence_type", "optional_type") and vi.type.WhichOneof("value") == kind:
+            vi.type.CopyFrom(d.type)
+        elif kind == "tensor_type" and vi.type.WhichOneof("value") in (None, "tensor_type"):
+            tt, dt = vi.type.tensor_type, d.type.tensor_type
+            if not tt.elem_type and dt.elem_type:
+                tt.elem_type = dt.elem_type
+            if not tt.HasField("shape") and dt.HasField("shape") and tt.elem_type == dt.elem_type:
+                tt.shape.CopyFrom(dt.shape)
 
 
 def _restore_io_types(g: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
-    for cur in _all_graph_protos(g):
+    for cur in all_graph_protos(g):
         for vi in list(cur.input) + list(cur.output):
             if vi.name in types:
                 vi.type.CopyFrom(types[vi.name])
@@ -201,8 +319,14 @@ def export_model(graph: gs.Graph, sort: bool = True, into: onnx.ModelProto | Non
 
 def _gs_export(graph: gs.Graph) -> onnx.ModelProto:
     """onnx-graphsurgeon's export plus what it drops (model fields, metadata, IR version, functions)."""
-    with _gs_exportable(graph):
+    shared = _shared_outer_constants(graph)
+    with _gs_exportable(graph), _hidden_constants(shared):
         model = gs.export_onnx(graph, do_type_check=False)
+    _drop_value_info(model.graph, {t.name for t in shared})
+    _drop_outer_value_info(model.graph)
+    for t in shared:
+        _write_constant(model.graph.initializer.add(), t, graph)
+    _write_overridable_defaults(graph, model.graph)
     _finish_export(graph, model.graph)
     for field, value in getattr(graph, "_onnxopt_model_fields", {}).items():
         setattr(model, field, value)
@@ -226,9 +350,15 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
     """
     owned = {id(t) for t in into.graph.initializer}
     consts = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    main = {id(t) for t in consts}
+    main_names = {t.name for t in consts}
+    consts += [t for t in _shared_outer_constants(graph) if id(t) not in main]
     values = {id(t): t._values for t in consts}
     keep = {id(v.tensor) for t in consts for v in [values[id(t)]]
             if isinstance(v, LazyValues) and id(v.tensor) in owned and v.tensor.name == t.name}
+    inputs = {t.name for t in graph.inputs}
+    keep |= {id(p) for p in into.graph.initializer
+             if p.name in getattr(graph, "_onnxopt_overridable", {}) and p.name in inputs and p.name not in main_names}
     for t in consts:  # hidden from gs, so it copies no weight
         t.to_variable(dtype=t.dtype, shape=t.shape)
         t.type = "tensor_type"
@@ -242,6 +372,10 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
         if id(g.initializer[i]) not in keep:
             del g.initializer[i]
     names = {t.name for t in consts}
+    _drop_value_info(model.graph, names)
+    present = {p.name for p in g.initializer}  # overridable defaults still in place stay as they are
+    g.initializer.extend(p for p in model.graph.initializer
+                         if p.name in getattr(graph, "_onnxopt_overridable", {}) and p.name not in present)
     for f in ("node", "input", "output", "value_info", "sparse_initializer"):
         del getattr(g, f)[:]
     g.node.extend(model.graph.node)
@@ -260,6 +394,74 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
         del getattr(into, f)[:]
         getattr(into, f).extend(getattr(model, f))
     return into
+
+
+def _shared_outer_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Constants read by nodes of more than one graph (main and a body, or both If branches).
+
+    onnx-graphsurgeon writes a constant as an initializer of every graph whose nodes read it, so an
+    outer-scope weight shared by two If branches would be copied into each (the file grows by the
+    weight). These are written once, in the main graph, and the bodies keep outer-scope references.
+    A name shared by distinct constants (local constants of sibling bodies) stays local.
+    """
+    users: dict[int, set[int]] = {}
+    objs: dict[int, gs.Constant] = {}
+    by_name: dict[str, set[int]] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    users.setdefault(id(t), set()).add(id(g))
+                    objs[id(t)] = t
+                    by_name.setdefault(t.name, set()).add(id(t))
+    return [t for k, t in objs.items() if len(users[k]) > 1 and len(by_name[t.name]) == 1]
+
+
+@contextlib.contextmanager
+def _hidden_constants(consts: list[gs.Constant]) -> Iterator[None]:
+    """The constants are typed variables while gs exports the graph (so it copies none of them)."""
+    values = {id(t): t._values for t in consts}
+    for t in consts:
+        t.to_variable(dtype=t.dtype, shape=t.shape)
+        t.type = "tensor_type"
+    try:
+        yield
+    finally:
+        for t in consts:
+            t.to_constant(values[id(t)])
+
+
+def _drop_value_info(g: onnx.GraphProto, names: set[str]) -> None:
+    """Remove `value_info` entries of `names` (initializers hidden from gs) in the graph and its subgraphs."""
+    if not names:
+        return
+    for cur in all_graph_protos(g):
+        keep = [v for v in cur.value_info if v.name not in names]
+        if len(keep) != len(cur.value_info):
+            del cur.value_info[:]
+            cur.value_info.extend(keep)
+
+
+def _drop_outer_value_info(g: onnx.GraphProto) -> None:
+    """Remove from every subgraph the `value_info` of tensors it does not define (outer-scope
+    references, which gs describes again in each body that reads them: bytes for nothing)."""
+    for cur in all_graph_protos(g):
+        if cur is g:
+            continue
+        local = {o for n in cur.node for o in n.output} | {i.name for i in cur.input}
+        keep = [v for v in cur.value_info if v.name in local]
+        if len(keep) != len(cur.value_info):
+            del cur.value_info[:]
+            cur.value_info.extend(keep)
+
+
+def _write_overridable_defaults(graph: gs.Graph, g: onnx.GraphProto) -> None:
+    """Write the default (initializer) of every overridable input that is still a graph input."""
+    defaults = getattr(graph, "_onnxopt_overridable", {})
+    present = {p.name for p in g.initializer}
+    for vi in g.input:
+        if vi.name in defaults and vi.name not in present:
+            g.initializer.append(defaults[vi.name])
 
 
 def _stage_constant(t: gs.Constant) -> onnx.TensorProto:
@@ -526,6 +728,17 @@ def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
 STRUCTURE_MAX_CONST_BYTES = 1 << 16
 
 
+def _structure_nbytes(t: gs.Constant) -> int:
+    """Bytes of a constant from its metadata (ONNX types numpy has no dtype for count one byte each)."""
+    if t.shape is None:
+        return 0
+    try:
+        itemsize = np.dtype(t.dtype).itemsize
+    except TypeError:
+        itemsize = 1
+    return int(np.prod(t.shape, dtype=np.float64)) * itemsize
+
+
 def export_structure(graph: gs.Graph) -> onnx.ModelProto:
     """A ModelProto of the graph for shape inference and statistics, without large weights.
 
@@ -547,7 +760,7 @@ def _export_structure(graph: gs.Graph, OnnxExporter) -> onnx.ModelProto:  # noqa
             if not isinstance(t, gs.Constant) or t.name in seen:
                 continue
             seen.add(t.name)
-            nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize if t.shape is not None else 0
+            nbytes = _structure_nbytes(t)
             if nbytes > STRUCTURE_MAX_CONST_BYTES:
                 inputs.append(onnx.helper.make_tensor_value_info(
                     t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(t.shape)))

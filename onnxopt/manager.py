@@ -1,6 +1,7 @@
 """The pass manager: runs a pipeline over a graph and owns the instrumentation.
 
-Per pass it records wall time, `changed`, the pass's stats and skipped nodes,
+Per pass it records wall time, `changed` (and, when nothing changed, why), the pass's stats
+and skipped nodes,
 model statistics after the pass, optionally dumps the IR and verifies the model
 (`onnx.checker` plus an onnxruntime session) so a broken rewrite is caught at
 the pass that made it.
@@ -33,6 +34,8 @@ class PassRecord:
     skipped: list[dict[str, str]]
     details: list[dict[str, Any]]
     after: dict[str, Any] = field(default_factory=dict)
+    #: Why the pass changed nothing ("" when it changed the graph).
+    reason: str = ""
 
 
 class PassManager:
@@ -74,7 +77,7 @@ class PassManager:
                 self.ctx.invalidate()
             seconds = time.perf_counter() - t0
             rec = PassRecord(p.name, _options_dict(p), seconds, result.changed, result.stats, result.skipped,
-                             result.details)
+                             result.details, reason=noop_reason(p.name, result))
             if self.collect_stats:
                 rec.after = model_stats(export_structure(graph), self.ctx.settings.get("input_shapes"),
                                         weights_from=graph).to_dict()
@@ -91,6 +94,14 @@ class PassManager:
         from onnxopt.model_io import save_model
 
         save_model(model if model is not None else export_model(graph), self.dump_dir / f"{k:02d}_{name}.onnx")
+
+
+def noop_reason(name: str, result: PassResult) -> str:
+    """Why a pass changed nothing, for the report: its own `reason`, else a placeholder that says the
+    pass broke its contract (never an empty line: a no-op is never silent)."""
+    if result.changed:
+        return ""
+    return result.reason.strip() or f"pass '{name}' changed nothing and gave no reason"
 
 
 def _options_dict(p: Pass) -> dict[str, Any]:

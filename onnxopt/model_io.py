@@ -1,13 +1,23 @@
-"""Loading and saving models: validation of input files, external data, atomic writes.
+"""Loading and saving models: validation of input files, external data, atomic writes, the save gate.
 
 Saving goes to a temporary name in the destination directory and is renamed into
 place, so a failure never leaves a half-written model and the input is never touched.
+Before an optimized model is saved, `gate` checks it: `onnx.checker` (full), the
+whole signature of the original, and a load in onnxruntime.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import os
+import shutil
+import signal
 import tempfile
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
@@ -121,13 +131,70 @@ def model_nbytes(model: onnx.ModelProto) -> int:
                for t in _get_all_tensors(model))
 
 
-def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Validate an output path before any work is done, so errors come first and cheaply."""
+def model_files(path: str | os.PathLike) -> set[Path]:
+    """The resolved paths of a model file and of every external data file it refers to.
+
+    These are the files an output must never overwrite. Only the protobuf is parsed
+    (no weight is read); a file that is not a model counts as itself alone.
+    """
+    p = Path(path).resolve()
+    if not p.is_file():
+        return {p}
+    st = p.stat()
+    return {p} | set(_external_files(str(p), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _external_files(path: str, mtime_ns: int, size: int) -> tuple[Path, ...]:
+    """External data files of the model at `path` (cached per file version: the CLI, the API and
+    optimize-many ask about the same input several times, and parsing a big model is not free)."""
+    p = Path(path)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: load_model reports it; here it is one file to protect
+        return ()
+    locs = {weights.external_info(t)[0] for t in _external_tensors(model)}
+    return tuple(sorted((p.parent / loc).resolve() for loc in locs if loc))
+
+
+def data_file_of(out: str | os.PathLike) -> Path:
+    """Where `save_model` puts the external data of a model saved at `out`: `<name>.data` beside the
+    file `out` resolves to (a symlinked output is written at its target, model and data together)."""
+    target = Path(out).resolve()
+    return target.parent / (target.name + ".data")
+
+
+def check_data_beside(out: str | os.PathLike) -> None:
+    """Refuse a symlinked output whose target lies in another directory when external data is written:
+    readers (onnx, onnxruntime) look for the data file beside the path they are given, the link, while
+    it must sit beside the model file, at the target."""
     o = Path(out)
+    if o.is_symlink() and o.resolve().parent != o.absolute().parent.resolve():
+        raise UserError(f"{o}: is a symbolic link to {o.resolve()} in another directory; with external data the "
+                        "model and its data file must sit together: give the link's target as the output")
+
+
+def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (),
+                      protected: set[Path] | frozenset[Path] = frozenset()) -> Path:
+    """Validate an output path before any work is done, so errors come first and cheaply.
+
+    Neither the output nor its possible external data file (`data_file_of`) may be one
+    of the `inputs` or of their external data files, or a `protected` path.
+    """
+    o = Path(out)
+    target = o.resolve()
+    guarded: dict[Path, str] = {q: "a file the tool must not overwrite" for q in protected}
     for i in inputs:
-        if Path(i).exists() and o.exists() and o.resolve() == Path(i).resolve():
-            raise UserError(f"{o}: output path equals the input path; the input is never overwritten, choose another -o")
-    parent = o.resolve().parent
+        files = model_files(i)
+        for f in files:
+            guarded[f] = f"the input {i}" if f == Path(i).resolve() else f"an external data file of the input {i}"
+    if target in guarded:
+        raise UserError(f"{o}: output path is {guarded[target]}; inputs are never overwritten, choose another path")
+    data = data_file_of(o)
+    if data in guarded:
+        raise UserError(f"{o}: its external data file {data.name} would overwrite {guarded[data]}; "
+                        "choose another output path")
+    parent = target.parent
     if not parent.is_dir():
         raise UserError(f"{o}: output directory {parent} does not exist")
     if o.is_dir():
@@ -196,31 +263,248 @@ def _tensor_elems(t: onnx.TensorProto) -> int:
     return n
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+#: Errors of a full disk or quota: the user's to fix, not an internal error.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+               protected: set[Path] | frozenset[Path] = frozenset()) -> Path:
     """Write `model` atomically; external data when asked, when the model exceeds 2 GB, or when its
     weights are staged on disk (big models, `onnxopt.weights`).
 
-    The external data file is named `<model file name>.data` beside the model.
+    The external data file is named `<model file name>.data` beside the model. A
+    symlinked `path` is written at its target, so model and data land together and
+    the rename never crosses devices. Neither file may be one of the `protected`
+    paths (the input model and its data). A full disk is a `UserError`; nothing is
+    left half-written and no temporary directory remains.
     """
-    out = check_output_path(path)
+    out = check_output_path(path, protected=protected)
+    target = out.resolve()
     if weights.has_external(model):  # staged weights (onnxopt.weights) go file to file, never back into memory
         external_data = True
     elif external_data is None:
         external_data = model_nbytes(model) >= TWO_GB - 2**26
-    parent = out.resolve().parent
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=parent))
+    parent = target.parent
+    data_name = target.name + ".data"
+    if external_data:
+        check_data_beside(out)
+    tmpdir: Path | None = None
     try:
-        tmp_model = tmpdir / out.name
-        data_name = out.name + ".data"
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=parent))
+        tmp_model = tmpdir / target.name
         if external_data:
             write_external(model, tmp_model, tmpdir / data_name, data_name)
-            os.replace(tmpdir / data_name, parent / data_name)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp_model, out)
+        with _signals_deferred():  # model and data are replaced as a pair, never one without the other
+            if external_data:
+                os.replace(tmpdir / data_name, parent / data_name)
+            os.replace(tmp_model, target)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise UserError(f"{out}: cannot write the model: {exc.strerror or 'no space left'} in {parent}; "
+                            "nothing was written (free some space or choose another -o)") from None
+        raise
     finally:
-        for leftover in tmpdir.iterdir():
-            leftover.unlink()
-        tmpdir.rmdir()
+        if tmpdir is not None:
+            with _signals_deferred():
+                shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP for the duration (main thread only), so cleanup is not cut short; a
+    signal that arrived meanwhile is raised again right after, to its own handler. (Python-level
+    handlers, not a signal mask: onnxruntime's threads would take a masked process signal.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        old = signal.getsignal(sig)
+        if old is not None:  # None: a handler installed outside Python, left alone
+            held[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, old in held.items():
+            signal.signal(sig, old)
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+# ---- the save gate -------------------------------------------------------------------------------
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class ValueSignature:
+    """One graph input or output: name, type kind, element type and dims (None: no shape declared).
+
+    Non-tensor types (sequence, optional, map) are compared as their whole serialized `TypeProto`.
+    """
+
+    name: str
+    kind: str
+    elem_type: int
+    dims: tuple[Dim, ...] | None
+    detail: bytes = b""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's inputs (below IR 4: initializers excluded) and outputs, in order."""
+
+    inputs: tuple[ValueSignature, ...]
+    outputs: tuple[ValueSignature, ...]
+
+
+def _value_signature(vi: onnx.ValueInfoProto) -> ValueSignature:
+    kind = vi.type.WhichOneof("value") or "none"
+    if kind != "tensor_type":
+        return ValueSignature(vi.name, kind, 0, None, vi.type.SerializeToString(deterministic=True))
+    tt = vi.type.tensor_type
+    dims = None
+    if tt.HasField("shape"):
+        dims = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                     for d in tt.shape.dim)  # dim_value -1 (some exporters): a dynamic axis
+    return ValueSignature(vi.name, "tensor", tt.elem_type, dims)
+
+
+def signature(model: onnx.ModelProto) -> Signature:
+    """The signature of a model's main graph (see `Signature`).
+
+    From IR 4 on, an initializer listed as a graph input is an overridable default and part of the
+    signature; below IR 4 every initializer had to be listed, and those are constants, not inputs.
+    """
+    inits = {t.name for t in model.graph.initializer} if model.ir_version < 4 else set()
+    return Signature(tuple(_value_signature(v) for v in model.graph.input if v.name not in inits),
+                     tuple(_value_signature(v) for v in model.graph.output))
+
+
+def _dim_text(dims: tuple[Dim, ...] | None) -> str:
+    return "no shape" if dims is None else "[" + ", ".join("?" if d is None else repr(d) if isinstance(d, str)
+                                                            else str(d) for d in dims) + "]"
+
+
+def _value_changes(ref: ValueSignature, new: ValueSignature, what: str, pins: tuple[int, ...] | None,
+                   pinned: bool) -> list[str]:
+    """Differences of one input/output. `pins`: the pinned shape of this input; `pinned`: shapes were pinned
+    at all, so a symbolic or unknown dimension may have become concrete (outputs follow their inputs)."""
+    where = f"{what} '{ref.name}'"
+    if ref.kind != new.kind or ref.detail != new.detail:
+        return [f"{where}: type changed ({ref.kind} -> {new.kind})"]
+    if ref.elem_type != new.elem_type:
+        return [f"{where}: dtype {onnx.TensorProto.DataType.Name(ref.elem_type)} became "
+                f"{onnx.TensorProto.DataType.Name(new.elem_type)}"]
+    if ref.dims is None:
+        return []
+    if new.dims is None or len(new.dims) != len(ref.dims):
+        return [f"{where}: shape {_dim_text(ref.dims)} became {_dim_text(new.dims)}"]
+    for k, (r, n) in enumerate(zip(ref.dims, new.dims)):
+        if r == n:
+            continue
+        if isinstance(n, int) and not isinstance(r, int):
+            ok = (pins[k] == n) if pins is not None and k < len(pins) else pinned
+        else:
+            ok = r is None and isinstance(n, str)  # an unknown axis given a symbolic name loses nothing
+        if not ok:
+            return [f"{where}: shape {_dim_text(ref.dims)} became {_dim_text(new.dims)}"]
+    return []
+
+
+def signature_changes(ref: Signature, new: Signature, pinned: dict[str, tuple[int, ...]] | None = None
+                      ) -> list[str]:
+    """Every way `new` breaks the signature `ref`, as readable lines (empty: kept).
+
+    Names, order, dtypes, ranks and dimensions (symbolic names included) must be
+    equal. With `pinned` input shapes (`--input-shape`), a pinned input's dimension
+    may become its pinned value, and outputs' symbolic dimensions may become concrete.
+    """
+    pinned = pinned or {}
+    problems = []
+    for what, r_list, n_list in (("input", ref.inputs, new.inputs), ("output", ref.outputs, new.outputs)):
+        r_names, n_names = [v.name for v in r_list], [v.name for v in n_list]
+        if r_names != n_names:
+            problems.append(f"{what}s {r_names} became {n_names}")
+            continue
+        for r, n in zip(r_list, n_list):
+            pins = pinned.get(r.name) if what == "input" else None
+            problems += _value_changes(r, n, what, pins, bool(pinned))
+    return problems
+
+
+class GateFailed(Exception):
+    """The model about to be saved is invalid; it is not written. Carries the rejected model."""
+
+    def __init__(self, message: str, model: onnx.ModelProto | None = None):
+        super().__init__(message)
+        self.model = model
+
+
+@dataclass
+class Reference:
+    """What the gate compares a result with: the original's signature, and the original itself on
+    demand (loaded only when the result fails a check, to tell whether the original fails it too)."""
+
+    signature: Signature
+    load: Callable[[], onnx.ModelProto] | None = None
+    pinned: dict[str, tuple[int, ...]] | None = None
+    _original: onnx.ModelProto | None = field(default=None, repr=False)
+
+    def original(self) -> onnx.ModelProto | None:
+        if self._original is None and self.load is not None:
+            self._original = self.load()
+        return self._original
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _checker_error(model: onnx.ModelProto, full: bool) -> str | None:
+    try:
+        onnx.checker.check_model(structure_only(model), full_check=full)
+    except Exception as exc:  # noqa: BLE001 - ValidationError, InferenceError and friends
+        return _first_line(exc)
+    return None
+
+
+def _load_error(model: onnx.ModelProto) -> str | None:
+    from onnxopt.runtime import make_session
+
+    try:
+        make_session(model)
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime load failure
+        return _first_line(exc)
+    return None
+
+
+def gate(model: onnx.ModelProto, reference: Reference | None = None) -> None:
+    """The check every optimized model passes before it is written; raises `GateFailed` if it does not.
+
+    1. `onnx.checker` with `full_check` (on a weight-free copy);
+    2. the whole signature of the original (`signature_changes`);
+    3. a load in onnxruntime (CPU).
+    A check the original itself fails (a model the checker's strict inference or this
+    onnxruntime cannot handle) is relaxed to what the original passes: the tool is
+    judged on what it changed.
+    """
+    err = _checker_error(model, full=True)
+    if err is not None:
+        orig = reference.original() if reference is not None else None
+        if orig is None or _checker_error(orig, full=True) is None or _checker_error(model, full=False) is not None:
+            raise GateFailed(f"onnx.checker rejects the optimized model: {err}", model)
+    if reference is not None:
+        problems = signature_changes(reference.signature, signature(model), reference.pinned)
+        if problems:
+            raise GateFailed("the optimized model changed the signature: " + "; ".join(problems[:3])
+                             + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""), model)
+    err = _load_error(model)
+    if err is not None:
+        orig = reference.original() if reference is not None else None
+        if orig is None or _load_error(orig) is None:
+            raise GateFailed(f"onnxruntime cannot load the optimized model: {err}", model)

@@ -42,6 +42,8 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
             if "=" not in part:
                 raise UserError(f"pass '{name}': option '{part}' needs a value (write key=value)")
             k, v = (s.strip() for s in part.split("=", 1))
+            if k in opts:
+                raise UserError(f"pass '{name}': option '{k}' given twice ({k}={opts[k]} and {k}={v}); give it once")
             opts[k] = v
         items.append((name, opts))
     return items

@@ -66,14 +66,42 @@ def passes_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         stats = ", ".join(f"{k}={v}" for k, v in r["stats"].items() if v not in (0, None, "", [], {}))
-        rows.append([r["name"], f"{r['seconds']:.2f}s", "yes" if r["changed"] else "no",
+        rows.append([r["name"], f"{r['seconds']:.2f}s", "yes" if r["changed"] else "no (why below)",
                      r.get("after", {}).get("nodes", "-"), stats[:90] or "-", len(r["skipped"])])
     return table(["pass", "time", "changed", "nodes after", "stats", "left alone"], rows)
+
+
+def count_reasons(rows: list[dict], key: str = "reason", limit: int = 4) -> str:
+    """The most common values of `key` among `rows` with their counts, most frequent first:
+    '3 x weight is not a constant; 1 x excluded' (for a pass's no-op reason)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        why = str(r.get(key) or "").strip()
+        if why:
+            counts[why] = counts.get(why, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = "; ".join(f"{n} x {why}" for why, n in top[:limit])
+    return text + (f"; {len(top) - limit} other reasons" if len(top) > limit else "")
+
+
+def unchanged_line(record: dict) -> str:
+    """The one line that says why a pass changed nothing (a no-op is never silent)."""
+    return f"{record['name']}: changed nothing: {record.get('reason') or 'no reason given'}"
 
 
 def format_report(report: dict) -> str:
     """The text report `optimize` prints."""
     parts = [summary_table(report["before"], report["after"]), "", passes_table(report["passes"])]
+    unchanged = [unchanged_line(r) for r in report["passes"] if not r["changed"]]
+    if unchanged:
+        parts += [""] + unchanged
+    already = [(r["name"], d) for r in report["passes"] for d in r.get("details", []) if d.get("already_int8")]
+    if already:
+        parts.append("")
+        parts.append(f"already int8 ({len(already)}), left as they are:")
+        parts += [f"  [{name}] {d['node']} ({d.get('op', '?')})" for name, d in already[:10]]
+        if len(already) > 10:
+            parts.append(f"  ... {len(already) - 10} more in the JSON report")
     skipped = [(r["name"], s) for r in report["passes"] for s in r["skipped"]]
     if skipped:
         parts.append("")

@@ -6,6 +6,12 @@ inference: known to be that input's axis, but not a number). This is what lets
 `Reshape(x[N,3,8,8], Concat(Shape(x)[0], 3*8*8))` become `Reshape(x, [-1, 192])`
 without freezing N. Only dimensions that inference reports as numbers are ever
 turned into constants.
+
+Every value carries its ONNX element type (int64 from `Shape`, whatever a
+constant or `Cast` says otherwise), and known entries are computed with ONNX
+semantics for that type (`onnxopt.kernels.int_arith`: wrap-around, truncating
+`Div`, `Mod` with its `fmod` attribute), so a folded value is what the runtime
+would have computed.
 """
 from __future__ import annotations
 
@@ -13,9 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import constant_value
+from onnxopt.kernels import int_arith
 from onnxopt.shapes import TensorInfo
+
+_INT64 = np.dtype(np.int64)
+_INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
+                  TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64}
 
 
 @dataclass(frozen=True)
@@ -31,13 +44,15 @@ class ShapeValue:
 
     items: tuple[int | Sym, ...]
     scalar: bool = False
+    dtype: np.dtype = _INT64
 
     @property
     def known(self) -> bool:
         return all(isinstance(v, int) for v in self.items)
 
-    def array(self, dtype: np.dtype) -> np.ndarray:
-        arr = np.array(self.items, dtype=dtype)
+    def array(self) -> np.ndarray:
+        """The known value as an array of its own element type."""
+        arr = np.array(self.items, dtype=self.dtype)
         return arr.reshape(()) if self.scalar else arr
 
 
@@ -51,34 +66,35 @@ def _unknown() -> Sym:
 
 
 def _const_value(t: gs.Tensor) -> ShapeValue | None:
-    if isinstance(t, gs.Constant) and (np.dtype(t.dtype).kind not in "iu" or len(t.shape) > 1
-                                       or int(np.prod(t.shape)) > _MAX_LEN):
-        return None  # decided from metadata: a weight is never loaded just to be rejected
-    v = constant_value(t)
-    if v is None or v.dtype.kind not in "iu" or v.ndim > 1 or v.size > _MAX_LEN:
+    c = t if isinstance(t, gs.Constant) else None
+    p = t.inputs[0] if c is None and t.inputs else None
+    if p is not None and p.op == "Constant" and isinstance(p.attrs.get("value"), gs.Constant):
+        c = p.attrs["value"]
+    if c is None:
         return None
-    return ShapeValue(tuple(int(x) for x in v.reshape(-1)), scalar=v.ndim == 0)
+    lazy = c._values
+    if isinstance(lazy, LazyValues) and lazy.tensor.data_type not in _INTEGER_TYPES:
+        return None  # int4 and the like: gs would widen them, losing their wrap-around width
+    try:
+        dtype = np.dtype(c.dtype)
+    except TypeError:
+        return None  # an ONNX type numpy has no dtype for: not shape arithmetic
+    if not int_arith.is_integer(dtype) or len(c.shape) > 1 or int_arith.product(c.shape) > _MAX_LEN:
+        return None  # decided from metadata: a weight is never loaded just to be rejected
+    v = np.asarray(constant_value(c))
+    if not int_arith.is_integer(v.dtype) or v.ndim > 1 or v.size > _MAX_LEN:
+        return None
+    return ShapeValue(tuple(int(x) for x in v.reshape(-1)), scalar=v.ndim == 0, dtype=np.dtype(v.dtype))
 
 
 def _attr(node: gs.Node, name: str, default=None):
     return node.attrs.get(name, default)
 
 
-def _binary(op: str, a: int | Sym, b: int | Sym) -> int | Sym:
+def _binary(op: str, a: int | Sym, b: int | Sym, dtype: np.dtype, fmod: int = 0) -> int | Sym:
     if isinstance(a, int) and isinstance(b, int):
-        if op == "Add":
-            return a + b
-        if op == "Sub":
-            return a - b
-        if op == "Mul":
-            return a * b
-        if op == "Div" and b != 0:
-            return int(np.floor_divide(a, b)) if (a < 0) != (b < 0) else a // b
-        if op == "Max":
-            return max(a, b)
-        if op == "Min":
-            return min(a, b)
-        return _unknown()
+        r = int_arith.binary(op, a, b, dtype, fmod)
+        return _unknown() if r is None else r
     if op == "Mul" and (a == 1 or b == 1):
         return b if a == 1 else a
     if op in ("Add", "Sub") and b == 0:
@@ -128,33 +144,33 @@ def _evaluate_node(node: gs.Node, val, info: dict[str, TensorInfo]) -> ShapeValu
     if op == "Size":
         ti = info.get(ins[0].name)
         if ti is not None and ti.static:
-            return ShapeValue((int(np.prod(ti.shape)),), scalar=True)
+            return ShapeValue((int_arith.wrap(int_arith.product(ti.shape), _INT64),), scalar=True)
         return None
     args = [val(t) if t.name else None for t in ins]
-    if op in ("Identity", "Cast"):
-        if op == "Cast" and _attr(node, "to") not in (6, 7):  # int32, int64
-            return None
+    if op == "Identity":
         return args[0]
+    if op == "Cast":
+        return _cast(args[0], _attr(node, "to"))
     if op == "Gather":
         data, idx = args[0], args[1]
         if data is None or idx is None or not idx.known or data.scalar or _attr(node, "axis", 0) != 0:
             return None
         n = len(data.items)
         picked = tuple(data.items[i + n if i < 0 else i] for i in idx.items)
-        return ShapeValue(picked, scalar=idx.scalar)
+        return ShapeValue(picked, scalar=idx.scalar, dtype=data.dtype)
     if op == "Concat":
-        if any(a is None or a.scalar for a in args):
+        if not args or any(a is None or a.scalar or a.dtype != args[0].dtype for a in args):
             return None
-        return ShapeValue(tuple(x for a in args for x in a.items))
+        return ShapeValue(tuple(x for a in args for x in a.items), dtype=args[0].dtype)
     if op == "Unsqueeze":
         a = args[0]
         if a is not None and a.scalar:
-            return ShapeValue(a.items, scalar=False)
+            return ShapeValue(a.items, scalar=False, dtype=a.dtype)
         return None
     if op == "Squeeze":
         a = args[0]
         if a is not None and not a.scalar and len(a.items) == 1:
-            return ShapeValue(a.items, scalar=True)
+            return ShapeValue(a.items, scalar=True, dtype=a.dtype)
         return None
     if op == "Slice":
         data = args[0]
@@ -165,10 +181,14 @@ def _evaluate_node(node: gs.Node, val, info: dict[str, TensorInfo]) -> ShapeValu
             return None
         start, end = args[1].items[0], args[2].items[0]
         step = args[4].items[0] if len(args) > 4 and args[4] is not None else 1
-        return ShapeValue(tuple(data.items[slice(start, end, step)]))
-    if op in ("Add", "Sub", "Mul", "Div", "Max", "Min") and len(args) == 2:
+        return ShapeValue(tuple(data.items[slice(start, end, step)]), dtype=data.dtype)
+    if op in ("Neg", "Abs") and args and args[0] is not None:
+        a = args[0]
+        return ShapeValue(tuple(_unknown() if isinstance(x, Sym) else int_arith.unary(op, x, a.dtype)
+                                for x in a.items), scalar=a.scalar, dtype=a.dtype)
+    if op in ("Add", "Sub", "Mul", "Div", "Mod", "Max", "Min") and len(args) == 2:
         a, b = args
-        if a is None or b is None:
+        if a is None or b is None or a.dtype != b.dtype:
             return None
         la, lb = len(a.items), len(b.items)
         if la != lb and 1 not in (la, lb):
@@ -176,5 +196,28 @@ def _evaluate_node(node: gs.Node, val, info: dict[str, TensorInfo]) -> ShapeValu
         n = max(la, lb)
         ai = a.items * n if la == 1 else a.items
         bi = b.items * n if lb == 1 else b.items
-        return ShapeValue(tuple(_binary(op, x, y) for x, y in zip(ai, bi)), scalar=a.scalar and b.scalar)
+        fmod = int(_attr(node, "fmod", 0))
+        return ShapeValue(tuple(_binary(op, x, y, a.dtype, fmod) for x, y in zip(ai, bi)),
+                          scalar=a.scalar and b.scalar, dtype=a.dtype)
     return None
+
+
+#: Narrowest integer width a dynamic dimension is assumed to fit (a symbol survives a Cast to 32 bits
+#: or more; narrower casts make it unknown, since a real dimension may not fit and would wrap).
+_SYM_MIN_BITS = 32
+
+
+def _cast(a: ShapeValue | None, to: int | None) -> ShapeValue | None:
+    """ONNX `Cast` of a shape value to an integer element type (low bits kept); None for other types."""
+    if a is None or to is None:
+        return None
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(int(to)))
+    except Exception:
+        return None
+    if not int_arith.is_integer(dtype):
+        return None
+    keep_syms = np.iinfo(dtype).bits >= _SYM_MIN_BITS
+    items = tuple(int_arith.cast(x, dtype) if isinstance(x, int) else (x if keep_syms else _unknown())
+                  for x in a.items)
+    return ShapeValue(items, scalar=a.scalar, dtype=dtype)

@@ -6,6 +6,7 @@ this keeps models over 2 GB (and the time spent copying weights) out of it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,25 +84,17 @@ def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
     `input_shapes` pins graph inputs to concrete shapes (e.g. to count MACs).
     Inference failures leave the affected tensors unknown rather than raising.
     """
-    light = light_copy(model)
-    if input_shapes:
-        for inp in light.graph.input:
-            if inp.name in input_shapes:
-                shape = input_shapes[inp.name]
-                del inp.type.tensor_type.shape.dim[:]
-                for d in shape:
-                    inp.type.tensor_type.shape.dim.add().dim_value = int(d)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:
-        inferred = light
+    inferred = inferred_model(model, input_shapes)
     info: dict[str, TensorInfo] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
         if vi.type.HasField("tensor_type"):
             info[vi.name] = TensorInfo(tt.elem_type, _dims(tt))
+    overridable = {i.name for i in model.graph.input}
     for init in model.graph.initializer:
+        if init.name in overridable and init.name in info:
+            continue  # also a graph input: a caller may feed another shape its declared type allows
         info[init.name] = TensorInfo(init.data_type, tuple(int(d) for d in init.dims))
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
@@ -109,6 +102,24 @@ def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
                 if a.name == "value":
                     info[node.output[0]] = TensorInfo(a.t.data_type, tuple(int(d) for d in a.t.dims))
     return info
+
+
+def inferred_model(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+                   ) -> onnx.ModelProto:
+    """`light_copy(model)` with tensor inputs pinned to `input_shapes` and shapes inferred (subgraphs
+    included: their `value_info` is filled too); the uninferred copy if inference fails."""
+    light = light_copy(model)
+    if input_shapes:
+        for inp in light.graph.input:
+            if inp.name in input_shapes and inp.type.WhichOneof("value") in (None, "tensor_type"):
+                shape = input_shapes[inp.name]
+                del inp.type.tensor_type.shape.dim[:]
+                for d in shape:
+                    inp.type.tensor_type.shape.dim.add().dim_value = int(d)
+    try:
+        return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return light
 
 
 def concrete_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None,
@@ -129,21 +140,40 @@ def concrete_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]] | None:
-    """`["x=1x3x48x320"]` -> `{"x": (1, 3, 48, 320)}`, for models with dynamic input axes."""
+    """`["x=1x3x48x320"]` -> `{"x": (1, 3, 48, 320)}`; None when no spec is given.
+
+    Accepts onnxopt's `NAME=D0xD1x...` and onnxsim/onnxslim's `NAME:D0,D1,...`, and
+    several specs in one string separated by spaces or semicolons (as onnxslim's
+    `--input-shapes a:1,3 b:1,5` reads). A malformed spec, a dimension that is not a
+    positive integer, or the same name given twice is a `UserError` (exit 2).
+    """
     from onnxopt.errors import UserError
 
     if not specs:
         return None
-    shapes = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition("=")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise UserError(f"--input-shape {spec!r}: write NAME=D0xD1x..., e.g. x=1x3x48x320")
-    return shapes
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in (part for s in specs for chunk in s.split(";") for part in _split_specs(chunk)):
+        eq, colon = spec.rfind("="), spec.rfind(":")
+        cut = max(eq, colon)
+        name, dims = spec[:cut], spec[cut + 1:]
+        parts = re.split(r"[x,]", dims.lower()) if cut > 0 else []
+        if not name or not parts or not all(re.fullmatch(r"[+-]?\d+", d) for d in parts):
+            raise UserError(f"--input-shape {spec!r}: write NAME=D0xD1x... or NAME:D0,D1,..., e.g. x=1x3x48x320")
+        dims_t = tuple(int(d) for d in parts)
+        if any(d <= 0 for d in dims_t):
+            raise UserError(f"--input-shape {spec!r}: every dimension must be a positive integer")
+        if name in shapes and shapes[name] != dims_t:
+            raise UserError(f"--input-shape: {name!r} given twice with different shapes")
+        shapes[name] = dims_t
+    return shapes or None
+
+
+def _split_specs(chunk: str) -> list[str]:
+    """Specs separated by whitespace, unless a token has no `=`/`:` (then a name holds a space)."""
+    tokens = chunk.split()
+    if all("=" in t or ":" in t for t in tokens):
+        return tokens
+    return [chunk.strip()] if chunk.strip() else []
 
 
 def numpy_dtype(elem_type: int) -> np.dtype:

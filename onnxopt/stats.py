@@ -1,25 +1,99 @@
-"""Model statistics for reports: nodes per op type, parameters, bytes, MACs.
+"""Model statistics for reports: nodes per op type, parameters, bytes, MACs, subgraphs included.
 
-MACs are counted for Conv, ConvTranspose, Gemm and MatMul from inferred shapes
-at concrete input shapes (dynamic axes pinned, see `concrete_input_shapes`).
+Nodes, op counts, parameters and MACs cover every graph of the model: the main
+graph and the bodies of If/Loop/Scan nodes (`main_graph_nodes` counts the main
+graph alone). MACs are computed from shapes inferred at concrete input shapes
+(dynamic axes pinned, see `concrete_input_shapes`), with one formula per kind of
+op in `MAC_FORMULAS`: float and integer/quantized convolutions and matrix
+products, and recurrent layers (per step, times the sequence length). A Loop
+body counts once per iteration when the trip count is a constant (else once, see
+`loops_counted_once`), a Scan body once per scanned element, an If its costlier
+branch.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-from onnxopt.shapes import TensorInfo, concrete_input_shapes, infer_tensor_info
+from onnxopt.graph import all_graph_protos, iter_graphs, subgraph_protos
+from onnxopt.shapes import Dim, TensorInfo, _dims, concrete_input_shapes, inferred_model
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+Shape = tuple[Dim, ...]
+
+
+def _prod(dims) -> int | None:
+    """Product of known dims; None if any is symbolic, unknown or negative (-1: a dynamic axis some
+    exporters write as a value)."""
+    out = 1
+    for d in dims:
+        if not isinstance(d, int) or d < 0:
+            return None
+        out *= d
+    return out
+
+
+def _mul(*factors: int | None) -> int | None:
+    out = 1
+    for f in factors:
+        if f is None:
+            return None
+        out *= f
+    return out
+
+
+def _conv(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.NodeProto) -> int | None:
+    """Each output value sums over one filter: |y| * |w| / C_out."""
+    return None if w is None or y is None else _mul(_prod(y), _prod(w[1:]))
+
+
+def _conv_transpose(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.NodeProto) -> int | None:
+    """Each input value is spread over one filter: |x| * |w| / C_in."""
+    return None if x is None or w is None else _mul(_prod(x), _prod(w[1:]))
+
+
+def _matmul(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.NodeProto) -> int | None:
+    """|y| * K, K the last axis of the first operand (or the first, for Gemm/QGemm with transA)."""
+    if x is None or y is None or not x:
+        return None
+    trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+    k = x[0] if trans_a else x[-1]
+    return _mul(_prod(y), k if isinstance(k, int) else None)
+
+
+def _recurrent(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.NodeProto, r: Shape | None = None
+               ) -> int | None:
+    """LSTM/GRU/RNN (and DynamicQuantizeLSTM, whose weights are transposed): every step of every batch row
+    multiplies the input by W and the hidden state by R, so |W| + |R| per step, times sequence x batch
+    (the first two axes of X in either layout)."""
+    if x is None or w is None or r is None or len(x) < 2:
+        return None
+    pw, pr = _prod(w), _prod(r)
+    return _mul(_prod(x[:2]), None if pw is None or pr is None else pw + pr)
+
+
+#: What each op costs: op type -> (formula(x, w, y, node), input index of the data, of the weight).
+#: Integer and quantized forms share the formula of the float op they compute.
+MAC_FORMULAS: dict[str, tuple[Callable[..., int | None], int, int]] = {
+    "Conv": (_conv, 0, 1), "ConvInteger": (_conv, 0, 1), "QLinearConv": (_conv, 0, 3),
+    "ConvTranspose": (_conv_transpose, 0, 1),
+    "Gemm": (_matmul, 0, 1), "QGemm": (_matmul, 0, 3),
+    "MatMul": (_matmul, 0, 1), "MatMulInteger": (_matmul, 0, 1), "QLinearMatMul": (_matmul, 0, 3),
+    "MatMulIntegerToFloat": (_matmul, 0, 1), "DynamicQuantizeMatMul": (_matmul, 0, 1),
+    "LSTM": (_recurrent, 0, 1), "GRU": (_recurrent, 0, 1), "RNN": (_recurrent, 0, 1),
+    "DynamicQuantizeLSTM": (_recurrent, 0, 1),
+}
+MAC_OPS = tuple(MAC_FORMULAS)
 
 
 @dataclass
 class ModelStats:
-    """Size and cost figures of one model."""
+    """Size and cost figures of one model (every graph: main graph and control-flow bodies)."""
 
     nodes: int
     ops: dict[str, int]
@@ -27,9 +101,13 @@ class ModelStats:
     weight_bytes: int
     macs: int
     macs_by_node: dict[str, int] = field(default_factory=dict)
-    #: Conv/Gemm/MatMul nodes whose MACs could not be counted (shapes not inferable, e.g. before folding).
+    #: MAC nodes whose MACs could not be counted (shapes not inferable, e.g. before folding).
     macs_uncounted: int = 0
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: Nodes of the main graph alone (`nodes` counts the If/Loop/Scan bodies too).
+    main_graph_nodes: int = 0
+    #: Loop nodes whose trip count is not a constant: their body's MACs are counted once.
+    loops_counted_once: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,101 +125,191 @@ def _tensor_elems_bytes(t: onnx.TensorProto) -> tuple[int, int]:
     return n, n * item
 
 
-def _prod(dims) -> int | None:
-    out = 1
-    for d in dims:
-        if not isinstance(d, int):
-            return None
-        out *= d
-    return out
-
-
 def node_macs(node: onnx.NodeProto, info: dict[str, TensorInfo]) -> int | None:
-    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node, None if shapes are unknown."""
-    def shape(i: int):
+    """Multiply-accumulates of one node of `MAC_FORMULAS`, None if its shapes are unknown (0 for other ops)."""
+    if node.op_type not in MAC_FORMULAS:
+        return None
+    formula, xi, wi = MAC_FORMULAS[node.op_type]
+
+    def shape(i: int) -> Shape | None:
         if i >= len(node.input) or not node.input[i] or node.input[i] not in info:
             return None
         return info[node.input[i]].shape
 
-    out = info.get(node.output[0]).shape if node.output and node.output[0] in info else None
-    if node.op_type == "Conv":
-        w, y = shape(1), out
-        if w is None or y is None:
+    y = info[node.output[0]].shape if node.output and node.output[0] in info else None
+    if formula is _recurrent:
+        return _recurrent(shape(xi), shape(wi), y, node, shape(2))
+    return formula(shape(xi), shape(wi), y, node)
+
+
+def _scope_info(g: onnx.GraphProto, outer: dict[str, TensorInfo], symbols: dict[str, int] | None = None
+                ) -> dict[str, TensorInfo]:
+    """What is known of the tensors visible in graph `g`: its own, then those of the graphs around it.
+
+    Named dimensions in `symbols` take its value: in ONNX one name is one size across
+    the model, so a size the input shapes pin holds wherever the model wrote its name
+    (e.g. in the declared outputs of an op shape inference does not know).
+    """
+    info = dict(outer)
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type"):
+            dims = _dims(vi.type.tensor_type)
+            if symbols and dims is not None:
+                dims = tuple(symbols.get(d, d) if isinstance(d, str) else d for d in dims)
+            info[vi.name] = TensorInfo(vi.type.tensor_type.elem_type, dims)
+    for init in g.initializer:
+        info[init.name] = TensorInfo(init.data_type, tuple(int(d) for d in init.dims))
+    for node in g.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    info[node.output[0]] = TensorInfo(a.t.data_type, tuple(int(d) for d in a.t.dims))
+    return info
+
+
+def _scope_ints(g: onnx.GraphProto, outer: dict[str, int]) -> dict[str, int]:
+    """Scalar integer constants visible in `g` (Loop trip counts), by name."""
+    out = dict(outer)
+    inputs = {i.name for i in g.input}
+    tensors = [t for t in g.initializer if t.name not in inputs]
+    tensors += [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    names = [t.name for t in g.initializer if t.name not in inputs]
+    names += [n.output[0] for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for name, t in zip(names, tensors):
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and _prod(t.dims) == 1:
+            out[name] = int(numpy_helper.to_array(t).reshape(-1)[0])
+    return out
+
+
+@dataclass
+class _MacCount:
+    total: int = 0
+    by_node: dict[str, int] = field(default_factory=dict)
+    uncounted: int = 0
+    loops_once: int = 0
+
+
+def _repeats(node: onnx.NodeProto, info: dict[str, TensorInfo], ints: dict[str, int]) -> int | None:
+    """How often a Loop/Scan body runs per run of its node (None: unknown)."""
+    if node.op_type == "Loop":
+        return ints.get(node.input[0]) if node.input and node.input[0] else None
+    if node.op_type == "Scan":
+        attrs = {a.name: a for a in node.attribute}
+        n_scan = attrs["num_scan_inputs"].i if "num_scan_inputs" in attrs else 0
+        if not n_scan:
             return None
-        return _prod(y) and _prod(w[1:]) and _prod(y) * _prod(w[1:])
-    if node.op_type == "ConvTranspose":
-        x, w = shape(0), shape(1)
-        if x is None or w is None:
+        first = node.input[len(node.input) - n_scan]
+        axes = list(attrs["scan_input_axes"].ints) if "scan_input_axes" in attrs else [0]
+        shape = info[first].shape if first in info else None
+        axis = axes[0] if axes else 0
+        if shape is None or not -len(shape) <= axis < len(shape):
             return None
-        return _prod(x) and _prod(w[1:]) and _prod(x) * _prod(w[1:])
-    if node.op_type in ("Gemm", "MatMul"):
-        a, y = shape(0), out
-        if a is None or y is None or not a:
-            return None
-        k = a[-1]
-        if node.op_type == "Gemm":
-            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
-            k = a[0] if trans_a else a[-1]
-        py = _prod(y)
-        return py * k if py is not None and isinstance(k, int) else None
-    return None
+        d = shape[axis]
+        return d if isinstance(d, int) else None
+    return 1
+
+
+def _count_macs(g: onnx.GraphProto, info: dict[str, TensorInfo], ints: dict[str, int], symbols: dict[str, int],
+                prefix: str = "", times: int = 1) -> _MacCount:
+    """MACs of graph `g` run `times` times, recursing into control-flow bodies."""
+    info, ints = _scope_info(g, info, symbols), _scope_ints(g, ints)
+    out = _MacCount()
+    for k, node in enumerate(g.node):
+        key = prefix + (node.name or f"{node.op_type}_{k}")
+        if node.op_type in MAC_FORMULAS:
+            m = node_macs(node, info)
+            if m is None:
+                out.uncounted += 1
+            else:
+                out.by_node[key] = int(m) * times
+                out.total += int(m) * times
+        subs = subgraph_protos(node)
+        if not subs:
+            continue
+        reps = _repeats(node, info, ints)
+        if reps is None:
+            out.loops_once += node.op_type == "Loop"
+            reps = 1
+        parts = [_count_macs(s, info, ints, symbols, f"{key}/", times * reps) for s in subs]
+        for p in parts:
+            out.by_node.update(p.by_node)
+            out.uncounted += p.uncounted
+            out.loops_once += p.loops_once
+        out.total += max(p.total for p in parts) if node.op_type == "If" else sum(p.total for p in parts)
+    return out
 
 
 def _gs_weights(graph: gs.Graph) -> tuple[int, int]:
-    """(parameters, bytes) of a gs graph's constants, Constant-node values included."""
-    consts = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-    for node in graph.nodes:
-        v = node.attrs.get("value") if node.op == "Constant" else None
-        if isinstance(v, gs.Constant):
-            consts[f"{node.name}/value"] = v
+    """(parameters, bytes) of a gs graph's constants (bodies and Constant-node values included), each once."""
+    consts: dict[int, gs.Constant] = {}
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                consts[id(t)] = t
+        for node in g.nodes:
+            v = node.attrs.get("value") if node.op == "Constant" else None
+            if isinstance(v, gs.Constant):
+                consts[id(v)] = v
     params = nbytes = 0
     for t in consts.values():
         n = int(np.prod(t.shape)) if t.shape is not None else 0
         params += n
-        nbytes += n * np.dtype(t.dtype).itemsize
+        try:
+            nbytes += n * np.dtype(t.dtype).itemsize
+        except TypeError:  # an ONNX type numpy has no dtype for (bfloat16, float8...): counted a byte each
+            nbytes += n
     return params, nbytes
+
+
+def _proto_weights(g: onnx.GraphProto) -> tuple[int, int]:
+    """(parameters, bytes) of the initializers and Constant values of every graph of a model."""
+    params = nbytes = 0
+    for cur in all_graph_protos(g):
+        tensors = list(cur.initializer) + [a.t for n in cur.node if n.op_type == "Constant"
+                                           for a in n.attribute if a.name == "value"]
+        for t in tensors:
+            n, b = _tensor_elems_bytes(t)
+            params += n
+            nbytes += b
+    return params, nbytes
+
+
+def _pinned_symbols(g: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Named input dimensions -> the size the concrete input shapes give them (a name pinned to two
+    sizes is left out)."""
+    found: dict[str, set[int]] = {}
+    for inp in g.input:
+        dims = _dims(inp.type.tensor_type) if inp.type.HasField("tensor_type") else None
+        if inp.name not in shapes or dims is None or len(dims) != len(shapes[inp.name]):
+            continue
+        for d, v in zip(dims, shapes[inp.name]):
+            if isinstance(d, str):
+                found.setdefault(d, set()).add(int(v))
+    return {k: next(iter(v)) for k, v in found.items() if len(v) == 1}
 
 
 def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                 weights_from: gs.Graph | None = None) -> ModelStats:
-    """Count nodes, parameters, weight bytes and MACs of `model` (main graph).
+    """Count nodes, parameters, weight bytes and MACs of `model`, control-flow bodies included.
 
     With `weights_from` (the gs graph `model` was exported from by
     `export_structure`), parameters and bytes are counted from that graph, and
     only its real inputs are reported.
     """
     g = model.graph
-    ops = Counter(n.op_type for n in g.node)
-    params = nbytes = 0
-    if weights_from is not None:
-        params, nbytes = _gs_weights(weights_from)
-    else:
-        for init in g.initializer:
-            n, b = _tensor_elems_bytes(init)
-            params += n
-            nbytes += b
-        for node in g.node:
-            if node.op_type == "Constant":
-                for a in node.attribute:
-                    if a.name == "value":
-                        n, b = _tensor_elems_bytes(a.t)
-                        params += n
-                        nbytes += b
-    shapes = concrete_input_shapes(model, input_shapes)
-    macs_by_node: dict[str, int] = {}
-    uncounted = 0
-    if any(op in ops for op in MAC_OPS):
-        info = infer_tensor_info(model, shapes)
-        for k, node in enumerate(g.node):
-            if node.op_type in MAC_OPS:
-                m = node_macs(node, info)
-                if m is not None:
-                    macs_by_node[node.name or f"{node.op_type}_{k}"] = int(m)
-                else:
-                    uncounted += 1
+    ops: Counter[str] = Counter()
+    for cur in all_graph_protos(g):
+        ops.update(n.op_type for n in cur.node)
+    params, nbytes = _gs_weights(weights_from) if weights_from is not None else _proto_weights(g)
+    tensor_inputs = {i.name for i in g.input if i.type.WhichOneof("value") in (None, "tensor_type")}
+    shapes = {k: v for k, v in concrete_input_shapes(model, input_shapes).items() if k in tensor_inputs}
+    count = _MacCount()
+    if any(op in ops for op in MAC_FORMULAS):
+        inferred = inferred_model(model, shapes)
+        count = _count_macs(inferred.graph, {}, {}, _pinned_symbols(g, shapes))
     if weights_from is not None:
         real = {t.name for t in weights_from.inputs}
         shapes = {k: v for k, v in shapes.items() if k in real}
-    return ModelStats(nodes=len(g.node), ops=dict(sorted(ops.items())), parameters=params, weight_bytes=nbytes,
-                      macs=sum(macs_by_node.values()), macs_by_node=macs_by_node, macs_uncounted=uncounted,
-                      input_shapes=shapes)
+    return ModelStats(nodes=sum(ops.values()), ops=dict(sorted(ops.items())), parameters=params, weight_bytes=nbytes,
+                      macs=count.total, macs_by_node=count.by_node, macs_uncounted=count.uncounted,
+                      input_shapes=shapes, main_graph_nodes=len(g.node), loops_counted_once=count.loops_once)

@@ -27,6 +27,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt.graph import (cleanup, constant_value, detach, export_structure, iter_graphs, model_opsets,
                            output_owners, replace_all_uses, subgraphs_of, toposort, unique_name)
+from onnxopt.kernels import int_arith
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.qdq import INT8_STORAGE_MIN_ELEMENTS
 from onnxopt.registry import register_pass
@@ -43,6 +44,13 @@ NEVER_FOLD = {
     "If", "Loop", "Scan",
 }
 GENERATORS = {"ConstantOfShape", "Expand", "Tile", "Range"}
+#: A constant at least this large that other nodes also read is not folded through an op whose output is as
+#: large as its input: the result would be a second copy next to the first (e.g. Unsqueeze(W) in both
+#: branches of an If turned one LSTM weight into two).
+SHARED_COPY_BYTES = 16 * 1024
+#: Ops whose output is small whatever their input: folding them copies nothing.
+_SMALL_OUTPUT = {"Shape", "Size", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean", "ReduceProd", "ArgMax",
+                 "ArgMin"}
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
@@ -50,7 +58,8 @@ def _expands_int8_weight(node: gs.Node) -> bool:
     """A Cast of a large int8/uint8 constant to a float type: int8 weight storage (as `quantize`
     writes it) that the runtime expands at load; folding it would undo the compression."""
     x = node.inputs[0] if node.op == "Cast" and node.inputs else None
-    return (isinstance(x, gs.Constant) and np.dtype(x.dtype) in (np.dtype(np.int8), np.dtype(np.uint8))
+    return (isinstance(x, gs.Constant) and _exact_in_numpy(x.dtype)
+            and np.dtype(x.dtype) in (np.dtype(np.int8), np.dtype(np.uint8))
             and int(np.prod(x.shape)) >= INT8_STORAGE_MIN_ELEMENTS
             and node.attrs.get("to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
 
@@ -64,24 +73,29 @@ class FoldConstants(Pass):
     @dataclass
     class Options:
         size_limit_mb: float = option(1.0, "never materialize a tensor larger than this from a generator "
-                                           "(ConstantOfShape/Expand/Tile/Range); 0 = no limit")
+                                           "(ConstantOfShape/Expand/Tile/Range); 0 = no limit", low=0)
         shapes: bool = option(True, "fold shape arithmetic from inferred static dimensions")
         cse: bool = option(True, "merge identical constants and nodes computing the same thing")
-        max_iterations: int = option(10, "stop after this many rounds even if more could fold")
+        max_iterations: int = option(10, "stop after this many rounds even if more could fold", low=1)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts = {"constant_nodes": 0, "identity_removed": 0, "if_inlined": 0, "shape_folded": 0,
                   "reshape_partial": 0, "folded_nodes": 0, "cse_merged": 0, "dead_nodes": 0}
         self._skipped: dict[str, dict[str, str]] = {}
-        limit = int(self.options.size_limit_mb * 2**20) if self.options.size_limit_mb > 0 else None
+        limit = _size_limit_bytes(self.options.size_limit_mb)
+        bytes_before = _constant_bytes(graph)
         changed = False
         for _ in range(self.options.max_iterations):
             step = 0
             step += _constants_to_initializers(graph, counts)
-            step += _remove_identities(graph, counts)
-            step += _inline_constant_ifs(graph, counts)
+            info = None
             if self.options.shapes:
-                step += _fold_shapes(graph, counts)
+                redundant, info = _eliminate_redundant_nodes(graph, counts)
+                step += redundant
+            edits = _remove_identities(graph, counts) + _inline_constant_ifs(graph, counts)
+            step += edits
+            if self.options.shapes:  # the shapes inferred above still hold when nothing changed since
+                step += _fold_shapes(graph, counts, info if not (redundant or edits) else None)
             step += self._fold_constants(graph, limit, counts)
             if self.options.cse:
                 step += _eliminate_common_subexpressions(graph, counts)
@@ -93,7 +107,18 @@ class FoldConstants(Pass):
             if step == 0:
                 break
             changed = True
-        return PassResult(changed=changed, stats=counts, skipped=list(self._skipped.values()))
+        grown = _constant_bytes(graph) - bytes_before
+        if grown > 0:  # folded generators (Tile, Expand...) can be larger than what computed them
+            counts["constant_bytes_added"] = grown
+        overridable = getattr(graph, "_onnxopt_overridable", {})
+        for t in graph.inputs:
+            if t.name in overridable and t.outputs:
+                self._skipped[t.name] = {"node": t.name, "op": "initializer",
+                                         "reason": "overridable initializer (also a graph input): kept as an "
+                                                   "input, not folded in as a constant"}
+        return PassResult(changed=changed, stats=counts, skipped=list(self._skipped.values()),
+                          reason="" if changed else "nothing left to fold: no constant subgraph, Identity, "
+                                                    "constant If, shape computation or duplicate node")
 
     def _skip(self, node: gs.Node, reason: str) -> None:
         self._skipped[node.name or id(node)] = {"node": node.name, "op": node.op, "reason": reason}
@@ -115,7 +140,11 @@ class FoldConstants(Pass):
         owners = output_owners(root)
         for node in g.nodes:
             if not node.outputs or node.op in NEVER_FOLD or (node.domain or "") not in STANDARD_DOMAINS \
-                    or subgraphs_of(node):
+                    or subgraphs_of(node) or node.op == "Constant":  # a Constant left as a node is sparse
+                continue
+            reason = _inexact_reason(node)
+            if reason is not None:
+                self._skip(node, reason)
                 continue
             if any(id(t) in owners for t in node.outputs) or _expands_int8_weight(node):
                 continue
@@ -129,7 +158,18 @@ class FoldConstants(Pass):
                     continue
                 ready = False
                 break
+            if ready and node.op == "Div" and any(id(t) in pending and not _is_float(t) for t in node.inputs):
+                ready = False  # an integer division is checked for traps on real constants: next round
             if not ready:
+                continue
+            if node.op == "Div" and len(node.inputs) == 2 \
+                    and int_arith.division_traps(*(constant_value(t) for t in node.inputs)):
+                self._skip(node, "integer division by zero (or of the minimum by -1): left for the runtime")
+                continue
+            shared = _shared_large_input(node)
+            if shared is not None:
+                self._skip(node, f"would copy the constant '{shared.name}' ({_nbytes(shared) // 1024} KB), which "
+                                 f"{len({id(c) for c in shared.outputs})} nodes read: left for the runtime")
                 continue
             if node.op in GENERATORS and limit is not None:
                 size = _generator_bytes(node)
@@ -162,7 +202,10 @@ class FoldConstants(Pass):
         folded = 0
         for t in needed:
             if id(t) in values:
-                t.to_constant(values[id(t)])
+                v = values[id(t)]
+                if v.dtype.kind in "OSU":  # strings: gs writes numpy strings wrongly, the ONNX form is exact
+                    v = LazyValues(onnx.numpy_helper.from_array(v, t.name))
+                t.to_constant(v)
                 t.inputs.clear()
         for n in nodes:
             if not any(isinstance(t, gs.Variable) for t in n.outputs):
@@ -170,17 +213,108 @@ class FoldConstants(Pass):
         return folded
 
 
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of every constant of the model (initializers and Constant values, from their metadata)."""
+    seen: dict[int, gs.Constant] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    seen[id(t)] = t
+            v = node.attrs.get("value") if node.op == "Constant" else None
+            if isinstance(v, gs.Constant):
+                seen[id(v)] = v
+    total = 0
+    for t in seen.values():
+        lazy = t._values
+        if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
+            total += len(lazy.tensor.raw_data)
+        else:
+            total += _nbytes(t)
+    return total
+
+
+def _size_limit_bytes(size_limit_mb: float) -> int | None:
+    """`size_limit_mb` in bytes; None = no limit (0 or +inf). NaN or a negative size (not valid options,
+    rejected when options are parsed) keep every generator rather than fail."""
+    if size_limit_mb == 0 or size_limit_mb == float("inf"):
+        return None
+    if not size_limit_mb > 0:
+        return 0
+    return int(size_limit_mb * 2**20)
+
+
+def _is_float(t: gs.Tensor) -> bool:
+    """True when `t` is known to hold floating-point values (from its declared type)."""
+    try:
+        return t.dtype is not None and np.dtype(t.dtype).kind == "f"
+    except TypeError:
+        return False
+
+
 def _constant_key(t: gs.Constant) -> tuple:
     """Content key of a constant; weights still in their TensorProto are hashed there (or, staged on
     disk, keyed by file and offset), never copied to numpy."""
     lazy = t._values
     if isinstance(lazy, LazyValues) and is_external(lazy.tensor):  # staged on disk: its place is its identity
-        return (np.dtype(lazy.dtype).str, tuple(lazy.shape), external_info(lazy.tensor))
+        return (_dtype_key(lazy), tuple(lazy.shape), external_info(lazy.tensor))
     if isinstance(lazy, LazyValues) and lazy.tensor.HasField("raw_data"):
-        return (np.dtype(lazy.dtype).str, tuple(lazy.shape), hashlib.sha1(lazy.tensor.raw_data).hexdigest())
+        return (_dtype_key(lazy), tuple(lazy.shape), hashlib.sha1(lazy.tensor.raw_data).hexdigest())
+    if isinstance(lazy, LazyValues):  # typed fields (strings, int32_data...): hashed as stored, never loaded
+        data = onnx.TensorProto()
+        data.CopyFrom(lazy.tensor)
+        data.name = ""
+        digest = hashlib.sha1(data.SerializeToString(deterministic=True)).hexdigest()
+        return (_dtype_key(lazy), tuple(lazy.shape), digest)
     v = np.asarray(t.values)  # shape taken here: ascontiguousarray would make a scalar 1-D
-    data = np.ascontiguousarray(v).view(np.uint8).reshape(-1) if v.size else b""
+    if v.dtype.kind in "OSU":  # strings: hashed in their ONNX form
+        data = onnx.numpy_helper.from_array(v).SerializeToString(deterministic=True)
+    else:
+        data = np.ascontiguousarray(v).view(np.uint8).reshape(-1) if v.size else b""
     return (v.dtype.str, v.shape, hashlib.sha1(data).hexdigest())
+
+
+def _dtype_key(lazy: LazyValues) -> object:
+    return np.dtype(lazy.dtype).str if _exact_in_numpy(lazy.dtype) else ("onnx", lazy.tensor.data_type)
+
+
+def _exact_in_numpy(dtype) -> bool:
+    """True when numpy holds values of this (gs) dtype exactly: bool, integers, IEEE floats, complex,
+    strings. bfloat16, float8, int4... are ONNX element types gs reports as numbers or converts lossily."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        return False
+    return dt.kind in "biufcOSU" and dt.isbuiltin == 1  # ml_dtypes' bfloat16/float8/int4 are not built in
+
+
+def _onnx_type_exact(elem_type: int | None) -> bool:
+    """`_exact_in_numpy` for an ONNX element type (e.g. a Cast's `to`)."""
+    try:
+        return elem_type is not None and _exact_in_numpy(onnx.helper.tensor_dtype_to_np_dtype(int(elem_type)))
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+def _inexact_reason(node: gs.Node) -> str | None:
+    """Why `node` is not evaluated through numpy: an input or output of an element type numpy cannot hold
+    exactly (bfloat16, float8, int4/uint4, float4); folding such values would also expand compact storage."""
+    for t in node.inputs:
+        if isinstance(t, gs.Constant) and (not _exact_in_numpy(t.dtype) or (
+                isinstance(t._values, LazyValues) and not _onnx_type_exact(t._values.tensor.data_type))):
+            return f"input {t.name!r} has an element type numpy cannot hold exactly: left as is"
+    target = None
+    if node.op == "Cast":
+        target = node.attrs.get("to")
+    elif node.op == "CastLike" and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        lazy = node.inputs[1]._values
+        target = lazy.tensor.data_type if isinstance(lazy, LazyValues) else None
+    elif node.op == "ConstantOfShape" and isinstance(node.attrs.get("value"), gs.Constant):
+        lazy = node.attrs["value"]._values
+        target = lazy.tensor.data_type if isinstance(lazy, LazyValues) else None
+    if target is not None and not _onnx_type_exact(target):
+        return "output of an element type numpy cannot hold exactly: left as is"
+    return None
 
 
 def _attr_key(value) -> object:
@@ -231,6 +365,24 @@ def _eliminate_common_subexpressions(graph: gs.Graph, counts: dict) -> int:
     return n
 
 
+def _shared_large_input(node: gs.Node) -> gs.Constant | None:
+    """A constant input of `node` of at least SHARED_COPY_BYTES that other nodes (in any graph) also read,
+    when folding `node` would write its output next to it (None: folding copies nothing)."""
+    if node.op in _SMALL_OUTPUT:
+        return None
+    for t in node.inputs:
+        if isinstance(t, gs.Constant) and _nbytes(t) >= SHARED_COPY_BYTES and len({id(c) for c in t.outputs}) > 1:
+            return t
+    return None
+
+
+def _nbytes(t: gs.Constant) -> int:
+    """A constant's size from its metadata (its values are not loaded)."""
+    if t.shape is None:
+        return 0
+    return int_arith.product(t.shape) * (np.dtype(t.dtype).itemsize if _exact_in_numpy(t.dtype) else 1)
+
+
 def _generator_bytes(node: gs.Node) -> int | None:
     """Bytes the generator would produce, from its (constant) inputs."""
     vals = [constant_value(t) if t.name else None for t in node.inputs]
@@ -238,12 +390,12 @@ def _generator_bytes(node: gs.Node) -> int | None:
         if node.op == "ConstantOfShape":
             value = node.attrs.get("value")
             item = value.values.dtype.itemsize if isinstance(value, gs.Constant) else 4
-            return int(np.prod(vals[0])) * item
+            return int_arith.product(vals[0].reshape(-1)) * item
         if node.op == "Expand":
             shape = np.broadcast_shapes(vals[0].shape, tuple(int(v) for v in vals[1]))
-            return int(np.prod(shape)) * vals[0].dtype.itemsize
+            return int_arith.product(shape) * vals[0].dtype.itemsize
         if node.op == "Tile":
-            return int(vals[0].size * np.prod(vals[1])) * vals[0].dtype.itemsize
+            return vals[0].size * int_arith.product(vals[1].reshape(-1)) * vals[0].dtype.itemsize
         if node.op == "Range":
             start, stop, delta = (np.asarray(v).item() for v in vals[:3])
             return max(0, int(np.ceil((stop - start) / delta))) * np.asarray(vals[0]).dtype.itemsize
@@ -337,10 +489,17 @@ def _constants_to_initializers(graph: gs.Graph, counts: dict) -> int:
     return n
 
 
-def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
+def _constant_attr_value(node: gs.Node) -> np.ndarray | LazyValues | None:
+    """The value of a `Constant` node, exactly as stored (a tensor attribute keeps its TensorProto, so
+    bfloat16, float8, int4 and string values are not converted); None for a sparse value (kept as is)."""
     a = node.attrs
     if isinstance(a.get("value"), gs.Constant):
-        return a["value"].values
+        v = a["value"]
+        lazy = v._values  # numbers numpy holds exactly become arrays (written as raw bytes, like every weight)
+        if isinstance(lazy, LazyValues) and (not _onnx_type_exact(lazy.tensor.data_type)
+                                             or lazy.tensor.data_type == onnx.TensorProto.STRING):
+            return lazy
+        return v.values
     if "value_float" in a:
         return np.array(a["value_float"], dtype=np.float32)
     if "value_floats" in a:
@@ -349,6 +508,11 @@ def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
         return np.array(a["value_int"], dtype=np.int64)
     if "value_ints" in a:
         return np.array(a["value_ints"], dtype=np.int64)
+    if "value_string" in a or "value_strings" in a:
+        strings = [a["value_string"]] if "value_string" in a else list(a["value_strings"])
+        data = [s.encode() if isinstance(s, str) else bytes(s) for s in strings]
+        dims = [] if "value_string" in a else [len(data)]
+        return LazyValues(onnx.helper.make_tensor(node.outputs[0].name, onnx.TensorProto.STRING, dims, data))
     return None
 
 
@@ -413,12 +577,13 @@ def _inline_constant_ifs(graph: gs.Graph, counts: dict) -> int:
         for node in list(g.nodes):
             if node.op != "If":
                 continue
-            cond = constant_value(node.inputs[0])
-            if cond is None:
+            cond = constant_value(node.inputs[0]) if node.inputs else None
+            if cond is None or np.asarray(cond).size != 1:
                 continue
             branch = node.attrs["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
             if len(branch.outputs) != len(node.outputs):
                 continue
+            _rename_clashing(graph, branch)
             g.nodes.extend(branch.nodes)
             for inner, outer in zip(list(branch.outputs), list(node.outputs)):
                 replace_all_uses(graph, outer, inner)
@@ -430,9 +595,40 @@ def _inline_constant_ifs(graph: gs.Graph, counts: dict) -> int:
     return n
 
 
-def _fold_shapes(graph: gs.Graph, counts: dict) -> int:
-    """Replace fully known shape values by constants; give Reshape a -1 for its one dynamic entry."""
-    info = infer_tensor_info(export_structure(graph))
+def _rename_clashing(graph: gs.Graph, branch: gs.Graph) -> None:
+    """Before `branch` is inlined: rename its nodes and its own tensors whose names are used elsewhere in
+    the model (the other branch, sibling bodies, the enclosing graph), so names stay unique once it
+    joins the enclosing graph. Tensors it shares with the enclosing scope keep their names."""
+    inner = {id(sub) for sub in iter_graphs(branch)}
+    node_names: set[str] = set()
+    tensor_names: set[str] = set()
+    outside: set[int] = set()
+    for sub in iter_graphs(graph):
+        if id(sub) in inner:
+            continue
+        node_names.update(n.name for n in sub.nodes)
+        used = [t for n in sub.nodes for t in list(n.inputs) + list(n.outputs)]
+        for t in list(sub.inputs) + list(sub.outputs) + used:
+            tensor_names.add(t.name)
+            outside.add(id(t))
+    for sub in iter_graphs(branch):
+        for n in sub.nodes:
+            if n.name in node_names:
+                old, n.name = n.name, unique_name(graph, n.name)
+                docs = getattr(graph, "_onnxopt_node_docs", None)  # doc strings are kept by node name
+                if docs is not None and old in docs:
+                    docs[n.name] = docs[old]
+            for t in list(n.inputs) + list(n.outputs):
+                if t.name and t.name in tensor_names and id(t) not in outside:
+                    t.name = unique_name(graph, t.name)
+
+
+def _fold_shapes(graph: gs.Graph, counts: dict, info: dict | None = None) -> int:
+    """Replace fully known shape values by constants; give Reshape a -1 for its one dynamic entry.
+
+    `info`: tensor shapes inferred on the graph as it is now, when the caller has them."""
+    if info is None:
+        info = infer_tensor_info(export_structure(graph))
     values = evaluate_shape_values(graph.nodes, info)
     owners = output_owners(graph)
     n = 0
@@ -443,8 +639,10 @@ def _fold_shapes(graph: gs.Graph, counts: dict) -> int:
         v = values.get(id(out))
         if v is not None and v.known and node.op not in ("Constant",) and isinstance(out, gs.Variable) \
                 and len(node.outputs) == 1:
-            dtype = np.int32 if node.op == "Cast" and node.attrs.get("to") == 6 else np.int64
-            out.to_constant(v.array(dtype))
+            declared = info.get(out.name)
+            if declared is not None and declared.dtype is not None and np.dtype(declared.dtype) != v.dtype:
+                continue  # inference and the abstract value disagree on the type: leave it to the runtime
+            out.to_constant(v.array())
             out.inputs.clear()
             n += 1
             counts["shape_folded"] += 1
@@ -484,3 +682,204 @@ def _reshape_target(items: tuple, data_info, allowzero: int) -> np.ndarray | Non
     if len(unknown) > 1 or (unknown and -1 in out):
         return None
     return np.array([-1 if d is None else d for d in out], dtype=np.int64)
+
+
+# Exact eliminations (as onnxslim's): no-op nodes, merged view chains. Shape facts come from
+# inference over the main graph, so with pinned input shapes (`--input-shape`) more of them apply.
+
+_VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _eliminate_redundant_nodes(graph: gs.Graph, counts: dict) -> tuple[int, dict | None]:
+    """Rewrite nodes of the main graph that shape inference proves redundant; returns how many, and the
+    inferred shapes (of the graph before those rewrites; None when there was nothing to look at).
+
+    - a no-op becomes an Identity (which `_remove_identities` then bypasses): Cast/CastLike to the
+      input's own type, Expand to a shape the input already has, Slice keeping every element,
+      Concat of one input, Transpose by the identity permutation, Pad by zeros, Reshape to the
+      input's own static shape;
+    - a Reshape of a view (Reshape/Flatten/Squeeze/Unsqueeze) reads the view's input, when its
+      target copies no dim (no 0 entry) or its output shape is static (the target becomes it);
+    - an Unsqueeze of an Unsqueeze becomes one Unsqueeze;
+    - a Transpose that only moves size-1 axes, next to a Reshape, becomes a Reshape (then merged).
+    """
+    candidates = {"Cast", "CastLike", "Expand", "Slice", "Concat", "Transpose", "Pad", "Reshape", "Unsqueeze"}
+    if not any(n.op in candidates and not n.domain for n in graph.nodes):
+        return 0, None
+    info = infer_tensor_info(export_structure(graph))
+    opset = next((int(o.version) for o in model_opsets(graph) if o.domain in ("", "ai.onnx")), 0)
+    toposort(graph)
+    members = {id(node) for node in graph.nodes}
+    n = 0
+    for node in list(graph.nodes):
+        if node.op not in candidates or node.domain or len(node.outputs) != 1 or not node.inputs \
+                or not node.inputs[0].name:
+            continue
+        if node.op == "Reshape" and _merge_reshape_of_view(graph, node, info, members):
+            n += 1
+        elif node.op == "Unsqueeze":
+            n += _merge_unsqueezes(graph, node, info, opset, members)
+        elif _is_noop(node, info, opset):
+            _to_identity(node)
+            n += 1
+        elif node.op == "Transpose":
+            n += _transpose_to_reshape(graph, node, info)
+    counts["redundant_removed"] = counts.get("redundant_removed", 0) + n
+    return n, info
+
+
+def _shape_of(t: gs.Tensor, info: dict) -> tuple | None:
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    ti = info.get(t.name)
+    return ti.shape if ti is not None else None
+
+
+def _to_identity(node: gs.Node) -> None:
+    x = node.inputs[0]
+    node.inputs.clear()
+    node.inputs.append(x)
+    node.op, node.attrs = "Identity", {}
+
+
+def _const_ints(node: gs.Node, index: int, attr: str) -> list[int] | None:
+    """An int list given as input `index` (a constant) or, in older opsets, as attribute `attr`."""
+    if len(node.inputs) > index and node.inputs[index].name:
+        v = constant_value(node.inputs[index])
+        return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+    if attr in node.attrs:
+        return [int(x) for x in node.attrs[attr]]
+    return None
+
+
+def _is_noop(node: gs.Node, info: dict, opset: int) -> bool:
+    """True when `node` returns its first input unchanged (value, dtype and shape)."""
+    x = node.inputs[0]
+    shape = _shape_of(x, info)
+    if node.op in ("Cast", "CastLike"):
+        src = info.get(x.name)
+        to = node.attrs.get("to") if node.op == "Cast" else (
+            info[node.inputs[1].name].elem_type if len(node.inputs) > 1 and node.inputs[1].name in info else None)
+        return src is not None and bool(src.elem_type) and src.elem_type == to
+    if node.op == "Concat":
+        return len(node.inputs) == 1
+    if shape is None:
+        return False
+    if node.op == "Expand":
+        target = _const_ints(node, 1, "")
+        return target is not None and len(target) <= len(shape) and all(
+            t == 1 or d == t for t, d in zip(reversed(target), reversed(shape)))
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return list(perm) == list(range(len(shape))) if perm is not None else len(shape) <= 1
+    if node.op == "Pad":
+        pads = _const_ints(node, 1, "pads" if opset < 11 else "")
+        return pads is not None and not any(pads)
+    if node.op == "Reshape":
+        out = _shape_of(node.outputs[0], info)
+        return out is not None and tuple(out) == tuple(shape) and all(isinstance(d, int) for d in shape)
+    if node.op == "Slice":
+        return _slice_keeps_all(node, shape, opset)
+    return False
+
+
+def _slice_keeps_all(node: gs.Node, shape: tuple, opset: int) -> bool:
+    starts, ends = (_const_ints(node, 1, "starts"), _const_ints(node, 2, "ends")) if opset >= 10 else \
+        (node.attrs.get("starts"), node.attrs.get("ends"))
+    if starts is None or ends is None or len(starts) != len(ends):
+        return False
+    axes = _const_ints(node, 3, "") if opset >= 10 else node.attrs.get("axes")
+    steps = _const_ints(node, 4, "") if opset >= 10 else None
+    axes = list(range(len(starts))) if axes is None else list(axes)
+    steps = [1] * len(starts) if steps is None else steps
+    if len(axes) != len(starts) or len(steps) != len(starts):
+        return False
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = axis + len(shape) if axis < 0 else axis
+        if step != 1 or not 0 <= axis < len(shape):
+            return False
+        dim = shape[axis]
+        if isinstance(dim, int):
+            start, end = (start + dim if start < 0 else start), (end + dim if end < 0 else end)
+            if start > 0 or end < dim:
+                return False
+        elif start != 0 or end < _INT64_MAX:  # unknown size: only "from 0 to the end" keeps everything
+            return False
+    return True
+
+
+def _moves_unit_axes_only(node: gs.Node, info: dict) -> bool:
+    """A Transpose whose non-1 axes keep their order: the same memory layout as a Reshape."""
+    shape = _shape_of(node.inputs[0], info)
+    perm = node.attrs.get("perm")
+    if shape is None or perm is None or any(d == 0 for d in shape) or list(perm) == list(range(len(shape))):
+        return False
+    real = [p for p in perm if not (isinstance(shape[p], int) and shape[p] == 1)]
+    return real == sorted(real) and sum(not isinstance(shape[p], int) for p in perm) <= 1
+
+
+def _transpose_to_reshape(graph: gs.Graph, node: gs.Node, info: dict) -> bool:
+    """Replace a Transpose that moves only size-1 axes by a Reshape, when a Reshape is next to it."""
+    x = node.inputs[0]
+    near = [p.op for p in x.inputs] + [c.op for c in node.outputs[0].outputs]
+    if "Reshape" not in near or not _moves_unit_axes_only(node, info):
+        return False
+    shape = _shape_of(x, info)
+    target = np.array([shape[p] if isinstance(shape[p], int) else -1 for p in node.attrs["perm"]], dtype=np.int64)
+    node.op, node.attrs = "Reshape", {}
+    node.inputs.append(gs.Constant(unique_name(graph, f"{node.name or 'transpose'}_as_reshape"), target))
+    return True
+
+
+def _merge_reshape_of_view(graph: gs.Graph, node: gs.Node, info: dict, members: set[int]) -> bool:
+    """Reshape(view(x)) -> Reshape(x): a Reshape depends only on its input's element count, unless a 0
+    in its target copies a dim of that input (then a static output shape is used as the target)."""
+    t = node.inputs[0]
+    view = t.inputs[0] if len(t.inputs) == 1 else None
+    if view is None or view.op not in _VIEW_OPS or view.domain or not view.inputs \
+            or id(view) not in members or len(node.inputs) < 2:
+        return False
+    target = constant_value(node.inputs[1])
+    if target is None:
+        return False
+    target = np.asarray(target).reshape(-1)
+    if (target == 0).any() and not node.attrs.get("allowzero", 0):
+        out = _shape_of(node.outputs[0], info)
+        if out is None or not all(isinstance(d, int) and d > 0 for d in out):
+            return False
+        node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name or 'reshape'}_shape"),
+                                     np.array(out, dtype=np.int64))
+    node.inputs[0] = view.inputs[0]
+    return True
+
+
+def _merge_unsqueezes(graph: gs.Graph, node: gs.Node, info: dict, opset: int, members: set[int]) -> bool:
+    """Unsqueeze(Unsqueeze(x, a1), a2) -> Unsqueeze(x, a): the final positions of all inserted axes."""
+    t = node.inputs[0]
+    first = t.inputs[0] if len(t.inputs) == 1 else None
+    if first is None or first.op != "Unsqueeze" or first.domain or id(first) not in members:
+        return False
+    a1, a2 = _const_ints(first, 1, "axes"), _const_ints(node, 1, "axes")
+    if a1 is None or a2 is None:
+        return False
+    out_rank = None
+    if any(a < 0 for a in a1 + a2):
+        shape = _shape_of(first.inputs[0], info)
+        if shape is None:
+            return False
+        out_rank = len(shape) + len(a1) + len(a2)
+        a1 = [a + out_rank - len(a2) if a < 0 else a for a in a1]
+        a2 = [a + out_rank if a < 0 else a for a in a2]
+    second = set(a2)
+    kept = [p for p in range(len(a1) + len(a2) + max(a1 + a2) + 1) if p not in second]
+    axes = sorted(second | {kept[a] for a in a1})
+    if out_rank is not None and axes and axes[-1] >= out_rank:
+        return False
+    node.inputs[0] = first.inputs[0]
+    if opset >= 13:
+        node.inputs[1] = gs.Constant(unique_name(graph, f"{node.name or 'unsqueeze'}_axes"),
+                                     np.array(axes, dtype=np.int64))
+    else:
+        node.attrs["axes"] = axes
+    return True

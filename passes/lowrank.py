@@ -14,16 +14,17 @@ per-layer errors that look small compound through the CNN backbone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt.accuracy_guard import AccuracyGuard, GuardOptions, split_samples
 from onnxopt.calibration import observe
-from onnxopt.graph import constant_value, export_model, unique_name
-from onnxopt.errors import UserError
+from onnxopt.graph import constant_value, export_model, import_model, unique_name
+from onnxopt.kernels.quant import all_finite
 from onnxopt.kernels.lowrank import (CovarianceAccumulator, energy_rank, max_useful_rank, round_rank, truncated_svd,
                                      whitened_svd)
 from onnxopt.kernels.lowrank_budget import (LayerCurve, allocate_ranks, allowed_ranks, corrected_bias,
@@ -31,6 +32,7 @@ from onnxopt.kernels.lowrank_budget import (LayerCurve, allocate_ranks, allowed_
                                             relative_output_error, whitened_error_curve)
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
+from onnxopt.report import count_reasons
 from onnxopt.shapes import concrete_input_shapes, infer_tensor_info
 from onnxopt.timing import TimingCache
 
@@ -59,6 +61,8 @@ class _Layer:
     row: dict[str, Any] = field(default_factory=dict)
     #: Layers sharing one first factor (a group reading the same input); empty for a single layer.
     members: list["_Layer"] = field(default_factory=list)
+    #: The factors (A, B) and the bias to write (None: keep the layer's own), once the rank is final.
+    factors: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     @property
     def m(self) -> int:
@@ -83,6 +87,27 @@ class _InputStats:
         for layout, acc in self.accs.items():
             acc.update(_rows(x, layout))
 
+    def merge(self, other: "_InputStats") -> None:
+        """Add the sums of another pass over more samples (layouts this one also observes)."""
+        for layout, acc in self.accs.items():
+            if layout in other.accs:
+                acc.merge(other.accs[layout])
+
+
+def _finite_inputs(layers: list[_Layer], moments: dict[str, _InputStats], skipped: list[dict[str, str]]
+                   ) -> list[_Layer]:
+    """The layers whose observed input statistics are finite; the others stay dense, listed in `skipped`
+    (an inf/NaN upstream reaches them on the calibration data, and no factorization can be fit to it)."""
+    kept = []
+    for L in layers:
+        st = moments.get(L.x.name)
+        if st is not None and not all(acc.finite() for acc in st.accs.values()):
+            skipped.extend({"node": M.node.name, "op": M.kind, "reason": "input holds inf/NaN on the calibration "
+                            "data: left dense"} for M in L.members or [L])
+            continue
+        kept.append(L)
+    return kept
+
 
 def _rows(x: np.ndarray, layout: str) -> np.ndarray:
     """The input as rows [-1, m] of the matrix product the layer computes."""
@@ -100,32 +125,34 @@ class LowRank(Pass):
     tolerance = "approximate"
 
     @dataclass
-    class Options:
+    class Options(GuardOptions):
+        """The guard's options (`min_cosine`, ...) come first; with the guard, the layers that cost most error
+        per parameter saved stay dense."""
+
         energy: float = option(0.98, "per-layer share of the (whitened, with data) spectrum's energy to keep, "
-                                     "when no global budget is given")
+                                     "when no global budget is given", above=0, high=1)
         params: float | None = option(None, "global budget: fraction of the factorizable layers' parameters to "
-                                            "remove (e.g. 0.3)")
+                                            "remove (e.g. 0.3)", low=0, below=1)
         error: float | None = option(None, "global budget: root-sum-square of the layers' relative output "
-                                           "errors on the calibration data (weight errors with method=svd)")
-        multiple: int = option(8, "round ranks to a multiple of this (hardware-friendly widths)")
-        method: str = option("auto", "auto (whiten with calibration data, else svd) | whiten | svd")
+                                           "errors on the calibration data (weight errors with method=svd)",
+                                     low=0)
+        multiple: int = option(8, "round ranks to a multiple of this (hardware-friendly widths)", low=1)
+        method: str = option("auto", "auto (whiten with calibration data, else svd) | whiten | svd",
+                             choices=("auto", "whiten", "svd"))
         timing: bool = option(True, "time dense vs factorized on onnxruntime CPU and keep the faster")
-        min_speedup: float = option(1.05, "factorize only where dense/factorized time >= this")
-        rounds: int = option(4, "budget re-allocations after layers lose to their dense form in timing")
-        measure: int = option(4, "calibration samples for the measured (in-model) error; 0 = skip")
+        min_speedup: float = option(1.05, "factorize only where dense/factorized time >= this", above=0)
+        rounds: int = option(4, "budget re-allocations after layers lose to their dense form in timing", low=0)
+        measure: int = option(4, "calibration samples for the measured (in-model) error; 0 = skip", low=0)
         ops: list[str] = option(["Gemm", "MatMul"], "layer types to factorize; add Conv for 1x1 convolutions "
-                                                    "(opt-in: errors in a CNN backbone compound, see bench/lowrank)")
+                                                    "(opt-in: errors in a CNN backbone compound, see bench/lowrank)",
+                                 choices=("Gemm", "MatMul", "Conv"))
         share: bool = option(False, "layers reading the same input (Q, K, V projections) share the first "
                                     "factor: x A is computed once")
-        min_params: int = option(1024, "leave layers with fewer weight parameters alone")
-        eps: float = option(1e-6, "damping of the covariance, relative to its mean diagonal")
+        min_params: int = option(1024, "leave layers with fewer weight parameters alone", low=0)
+        eps: float = option(1e-6, "damping of the covariance, relative to its mean diagonal", low=0)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.method not in ("auto", "whiten", "svd"):
-            raise UserError(f"pass 'lowrank': method must be auto, whiten or svd, got '{o.method}'")
-        if set(o.ops) - {"Gemm", "MatMul", "Conv"}:
-            raise UserError(f"pass 'lowrank': ops may name Gemm, MatMul and Conv, got '{'|'.join(o.ops)}'")
         whiten = o.method == "whiten" or (o.method == "auto" and ctx.calibration is not None)
         if whiten:
             ctx.require_calibration(self.name)
@@ -137,24 +164,100 @@ class LowRank(Pass):
             else {"energy": o.energy}
         stats: dict[str, Any] = {"candidates": len(layers), "method": "whiten" if whiten else "svd", **budget}
         if not layers or (o.params is not None and o.params <= 0) or (o.error is not None and o.error <= 0):
-            return PassResult(False, {**stats, "factorized": 0}, skipped)
+            why = "the budget removes nothing" if layers else \
+                f"no factorizable layer among {'|'.join(o.ops)} (at least {o.min_params} weight parameters)"
+            found = count_reasons(skipped, limit=3)
+            return PassResult(False, {**stats, "factorized": 0}, skipped,
+                              reason=why + (f": {found}" if found and not layers else ""))
         model = export_model(graph)
-        moments = self._observe(model, layers, ctx, whiten) if ctx.calibration is not None else {}
+        split = (split_samples(ctx.calibration, o.holdout, o.guard_samples, model)
+                 if ctx.calibration is not None else None)
+        moments = self._observe(model, layers, split.fit, whiten) if split is not None else {}
+        layers = _finite_inputs(layers, moments, skipped)
         self._shapes(model, layers, moments, ctx)
         for L in layers:
             L.curve = self._curve(L, moments, whiten)
         self._choose(layers, skipped)
         done = [L for L in layers if L.rank > 0]
         for L in done:
-            self._rewrite(graph, L, moments, whiten)
+            self._factor(L, moments, whiten)
         total = sum(L.m * L.n for L in layers)
+        asked = sum(L.m * L.n - factor_params(L.m, L.n, L.rank) for L in done)
+        guard_why = ""
+        if done and o.min_cosine <= 0:
+            stats["guard"] = "off (min_cosine=0)"
+        elif done and split is None:
+            stats["guard"] = "not measured: no calibration data (give --calib to bound the output error)"
+        elif done:
+            done, guard_why = self._guard(model, done, split.guard, split.held_out, stats, skipped)
+            if done and whiten and split.held_out:
+                # the choice is made; fit its factors on every sample, held-out ones included
+                held = self._observe(model, done, split.held, whiten)
+                for name, st in held.items():
+                    moments[name].merge(st)
+                for L in done:
+                    self._factor(L, moments, whiten)
+        for L in done:
+            self._apply(graph, L)
         removed = sum(L.m * L.n - factor_params(L.m, L.n, L.rank) for L in done)
         stats.update(factorized=len(done), params_candidates=total, params_removed=removed,
                      fraction_removed=round(removed / total, 4) if total else 0.0,
+                     fraction_chosen_before_guard=round(asked / total, 4) if total else 0.0,
                      macs_removed=sum(L.row.get("macs_saved", 0) for L in done))
+        if done and removed < asked:
+            stats["guard"] += f"; removed {removed / total:.3f} of the parameters (chosen {asked / total:.3f})"
         if done and o.measure and ctx.calibration is not None:
             self._measure(model, graph, done, ctx)
-        return PassResult(bool(done), stats, skipped, [L.row for L in layers if L.row])
+        rows = [L.row for L in layers if L.row]
+        why = guard_why or count_reasons(rows, "decision", 3) or count_reasons(skipped, limit=3) \
+            or "no rank within the budget"
+        return PassResult(bool(done), stats, skipped, rows, reason="" if done else f"no layer factorized: {why}")
+
+    # ---------------------------------------------------------------- the accuracy guard
+    def _guard(self, model: onnx.ModelProto, chosen: list[_Layer], samples: list, held_out: bool,
+               stats: dict[str, Any], skipped: list[dict[str, str]]) -> tuple[list[_Layer], str]:
+        """The chosen layers to keep factorized so the model's outputs meet `min_cosine`, and why none if none.
+
+        Layers are ordered by predicted error per parameter saved (the allocator's own measure, from
+        the calibration data), and the guard bisects for the longest prefix that still meets the
+        target measured end to end; the others get their full rank back.
+        """
+        o = self.options
+        order = sorted(chosen, key=lambda L: float(L.curve[L.rank]) / max(L.m * L.n - factor_params(L.m, L.n,
+                                                                                                    L.rank), 1))
+        guard = AccuracyGuard(model, samples, o.min_cosine)
+
+        def build(k: int) -> onnx.ModelProto:
+            trial = import_model(model)
+            trial._onnxopt_names = None  # as the pass manager does: names are collected on first use
+            for L in order[:k]:
+                self._apply(trial, _rebind(L, trial))
+            return export_model(trial)
+
+        out = guard.search(len(order), build)
+        stats.update(out.stats(len(order), o.min_cosine, held_out, len(samples)))
+        where = f"{len(samples)} {'held-out' if held_out else 'calibration (not held-out)'} samples"
+        kept, back = order[:out.kept], order[out.kept:]
+        for L in back:
+            tried = L.rank
+            L.row.update(self._row(L, 0))
+            L.row.update(guard_rank=tried, decision=f"dense kept by the accuracy guard (rank {tried} pushed the "
+                                                   f"output cosine below min_cosine={o.min_cosine})")
+            L.rank, L.factors = 0, None
+            skipped.extend({"node": M.node.name, "op": M.kind, "reason": L.row["decision"]}
+                           for M in L.members or [L])
+        if not back:
+            stats["guard"] = f"met: output cosine {out.cosine:.4f} >= {o.min_cosine} on {where}"
+            return kept, ""
+        if not kept:
+            least = min(out.trials, key=lambda t: t.kept).cosine  # the least harmful layer alone
+            why = (f"the accuracy guard measured output cosine {least:.4f} < min_cosine={o.min_cosine} on {where} "
+                   f"even with only the least harmful layer factorized; the model is left unchanged")
+            stats["guard"] = why
+            return [], why
+        stats["guard"] = (f"backed off: {len(kept)} of {len(order)} chosen layers kept factorized, output cosine "
+                          f"{out.cosine:.4f} >= {o.min_cosine} on {where} (all chosen: {out.trials[0].cosine:.4f})")
+        return kept, ""
 
     # ---------------------------------------------------------------- finding layers
     def _collect(self, graph: gs.Graph, skipped: list[dict[str, str]]) -> list[_Layer]:
@@ -188,6 +291,8 @@ class LowRank(Pass):
         w = np.asarray(w)
         if w.dtype.type not in _FLOATS:
             return f"weight dtype {w.dtype} is not float", None
+        if not all_finite(w):
+            return "weight holds inf/NaN: left dense", None
         x = node.inputs[0]
         if node.op == "MatMul":
             if w.ndim != 2:
@@ -249,7 +354,7 @@ class LowRank(Pass):
         L.bias, L.bias_add, L.out, L.can_add_bias = b.astype(np.float64).reshape(-1), add, add.outputs[0], True
 
     # ---------------------------------------------------------------- data
-    def _observe(self, model: onnx.ModelProto, layers: list[_Layer], ctx: PassContext,
+    def _observe(self, model: onnx.ModelProto, layers: list[_Layer], calib: Any,
                  covariance: bool) -> dict[str, _InputStats]:
         """Stream the calibration data: input covariances (when whitening) and the largest input shapes."""
         dims: dict[str, dict[str, int]] = {}
@@ -257,7 +362,6 @@ class LowRank(Pass):
             dims.setdefault(L.x.name, {})
             if covariance:
                 dims[L.x.name][L.layout] = L.m
-        calib = ctx.calibration
         return observe(model, calib, list(dims), lambda name: _InputStats(dims[name]),
                        desc="lowrank: layer inputs", total=len(calib))
 
@@ -388,8 +492,8 @@ class LowRank(Pass):
                 "macs_saved": rows * (L.m * L.n - factor_params(L.m, L.n, r))}
 
     # ---------------------------------------------------------------- rewriting
-    def _rewrite(self, graph: gs.Graph, L: _Layer, moments: dict[str, _InputStats], whiten: bool) -> None:
-        """Replace the layer (or each member of a shared group) by its two thinner products."""
+    def _factor(self, L: _Layer, moments: dict[str, _InputStats], whiten: bool) -> None:
+        """Compute the layer's factors at its chosen rank (and the corrected bias) into `L.factors`."""
         acc = moments[L.x.name].accs[L.layout] if whiten else None
         if acc is not None:
             A, B, _ = whitened_svd(L.W, self._whitening_matrix(L, acc), L.rank, self.options.eps)
@@ -401,7 +505,11 @@ class LowRank(Pass):
         if acc is not None:
             L.row["exact_error"] = round(relative_output_error(L.W, A, B, acc.second_moment(), acc.mean(),
                                                                L.bias, bias if L.can_add_bias else L.bias), 6)
-        A, B = A.astype(L.dtype), B.astype(L.dtype)
+        L.factors = (A.astype(L.dtype), B.astype(L.dtype), bias)
+
+    def _apply(self, graph: gs.Graph, L: _Layer) -> None:
+        """Replace the layer (or each member of a shared group) by its two thinner products (`L.factors`)."""
+        A, B, bias = L.factors
         base = L.node.name or L.node.outputs[0].name
         a_c = gs.Constant(unique_name(graph, f"{base}_lowrank_A"), A)
         h = gs.Variable(unique_name(graph, f"{base}_lowrank_h"), dtype=L.dtype)
@@ -477,6 +585,20 @@ class LowRank(Pass):
                 num += sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b))
                 den += sum(float(np.sum(x.astype(np.float64) ** 2)) for x in a)
             L.row["measured_error"] = round(float(np.sqrt(num / den)), 6) if den > 0 else 0.0
+
+
+def _rebind(L: _Layer, graph: gs.Graph) -> _Layer:
+    """The same layer (factors included) bound to the nodes and tensors of a re-imported copy of its graph."""
+    nodes = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
+    tensors = graph.tensors()
+
+    def bind(M: _Layer) -> _Layer:
+        return replace(M, node=nodes[M.node.outputs[0].name], x=tensors[M.x.name],
+                       bias_add=None if M.bias_add is None else nodes[M.bias_add.outputs[0].name],
+                       out=None if M.out is None else tensors[M.out.name], row={},
+                       members=[bind(N) for N in M.members])
+
+    return bind(L)
 
 
 def _share(layers: list[_Layer]) -> list[_Layer]:

@@ -13,20 +13,24 @@ the outputs do not change.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt.accuracy_guard import AccuracyGuard, GuardOptions, split_samples
 from onnxopt.calibration import observe, with_outputs
 from onnxopt.channels import ChannelGroups, Reducer, const_value
 from onnxopt.data import seeded_inputs
-from onnxopt.errors import UserError
-from onnxopt.graph import export_model, unique_name
+from onnxopt.report import count_reasons
+from onnxopt.graph import export_model, import_model, unique_name
 from onnxopt.kernels import pruning as K
+from onnxopt.kernels.quant import all_finite
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.registry import register_pass
 from onnxopt.runtime import make_session
@@ -45,20 +49,25 @@ class Prune(Pass):
     tolerance = "approximate"
 
     @dataclass
-    class Options:
-        macs: float = option(0.3, "fraction of the model's MACs to remove (0 with exact=true: dead channels only)")
-        criterion: str = option("auto", "importance: l1, l2, bn, activation, recon (auto: recon with data, else l1)")
-        compensate: str = option("auto", "none, bias (fold the mean), refit (ridge least squares); auto: refit with data")
-        max_ratio: float = option(0.3, "at most this fraction of one group's channels is removed")
-        round_to: int = option(8, "kept channel counts are multiples of this (ORT CPU kernels block channels by 8/16; 1 = any)")
+    class Options(GuardOptions):
+        """The guard's options (`min_cosine`, ...) come first; with the guard, the budget shrinks (the
+        last-chosen channels stay)."""
+
+        macs: float = option(0.3, "fraction of the model's MACs to remove (0 with exact=true: dead channels only)",
+                             low=0, below=1)
+        criterion: str = option("auto", "importance: l1, l2, bn, activation, recon (auto: recon with data, else l1)",
+                                choices=CRITERIA)
+        compensate: str = option("auto", "none, bias (fold the mean), refit (ridge least squares); auto: refit "
+                                         "with data", choices=COMPENSATIONS)
+        max_ratio: float = option(0.3, "at most this fraction of one group's channels is removed", low=0, below=1)
+        round_to: int = option(8, "kept channel counts are multiples of this (ORT CPU kernels block channels by 8/16; "
+                                   "1 = any)", low=1)
         protect: list[str] = option([], "name patterns (fnmatch) of nodes whose channels are never pruned")
         exact: bool = option(False, "only remove provably dead channels (outputs unchanged)")
-        ridge: float = option(1e-3, "ridge strength of the refit, relative to the mean channel variance")
+        ridge: float = option(1e-3, "ridge strength of the refit, relative to the mean channel variance", low=0)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        if o.criterion not in CRITERIA or o.compensate not in COMPENSATIONS:
-            raise UserError(f"pass 'prune': criterion must be one of {CRITERIA}, compensate one of {COMPENSATIONS}")
         cg: ChannelGroups = ctx.analysis("channel_groups", graph)
         plan = _Plan(graph, cg, ctx, o)
         return plan.execute()
@@ -78,7 +87,17 @@ class _Plan:
         self.graph, self.cg, self.ctx, self.o = graph, cg, ctx, o
         self.model = export_model(graph)
         self.input_shapes = ctx.settings.get("input_shapes")
-        stats = model_stats(self.model, self.input_shapes)
+        #: Where the MAC counts come from: pinned input shapes, else the first calibration sample's
+        #: (the shapes the model will see; guessed dynamic dimensions can count no MAC at all: on
+        #: MiniLM a batch of 1 leaves the batch dimension symbolic and every MatMul counts 0), else
+        #: the declared shapes with dynamic dimensions guessed.
+        self.mac_shapes, shapes = "input shapes", self.input_shapes
+        if not shapes and ctx.calibration is not None:
+            first = next(iter(ctx.calibration))
+            self.mac_shapes, shapes = "first calibration sample", {k: tuple(v.shape) for k, v in first.items()}
+        elif not shapes:
+            self.mac_shapes = "declared (dynamic dimensions guessed)"
+        stats = model_stats(self.model, shapes)
         self.macs_before = stats.macs
         names = [n.name or f"{n.op}_{k}" for k, n in enumerate(graph.nodes)]
         by_node = {id(n): stats.macs_by_node.get(names[k], 0) for k, n in enumerate(graph.nodes)}
@@ -101,6 +120,8 @@ class _Plan:
         for r, (out_roots, _) in zip(self.red, self.red_roots):
             for c in set(out_roots.tolist()):
                 touching[self.cg.class_group[c]].add(r.node.name)
+        nonfinite = {n.name for n in self.graph.nodes
+                     if any(isinstance(t, gs.Constant) and not all_finite(t.values) for t in n.inputs)}
         out = []
         for gi, g in enumerate(self.cg.groups):
             if not g.prunable:
@@ -108,8 +129,27 @@ class _Plan:
             names = set(g.sources) | touching[gi]
             if any(fnmatch.fnmatch(n, p) for n in names for p in self.o.protect):
                 continue
+            if names & nonfinite:
+                self.skipped.append({"node": g.name, "op": "channel group", "reason": "a weight of "
+                                     f"{sorted(names & nonfinite)[0]} holds inf/NaN: its channels are kept"})
+                continue
             out.append(gi)
         return out
+
+    def finite_groups(self, groups: list[int], cstats: dict[str, K.ChannelStats] | None) -> list[int]:
+        """`groups` less those whose consumers read inf/NaN on the calibration data (an inf/NaN upstream
+        reaches them; no channel score or refit can be fit to it); those are listed in `skipped`."""
+        bad = {t for t, st in (cstats or {}).items() if not st.cov.finite()}
+        if not bad:
+            return groups
+        kept = []
+        for gi in groups:
+            if any(u and r.input_tensor in bad for r, u in zip(self.red, self.touches([gi]))):
+                self.skipped.append({"node": self.cg.groups[gi].name, "op": "channel group", "reason":
+                                     "its consumers read inf/NaN on the calibration data: its channels are kept"})
+            else:
+                kept.append(gi)
+        return kept
 
     # ---- weights as consumer matrices [out, C, taps] ---------------------------------
     def weight(self, node: gs.Node, idx: int = 1) -> np.ndarray:
@@ -240,11 +280,18 @@ class _Plan:
         return dead, {"dead_channels": len(dead), "bias_folds": len(deltas)}
 
     # ---- approximate mode ----------------------------------------------------------
-    def calibration_stats(self) -> dict[str, K.ChannelStats] | None:
-        calib = self.ctx.calibration
+    def touches(self, groups: list[int]) -> list[bool]:
+        """Per reducer: does it sum over (consume) a channel of one of `groups`?"""
+        classes = np.array(sorted({c for gi in groups for c in self.cg.groups[gi].classes}), dtype=np.int64)
+        return [r.in_ids is not None and bool(np.isin(self.red_roots[k][1], classes).any())
+                for k, r in enumerate(self.red)]
+
+    def calibration_stats(self, calib: Any, groups: list[int]) -> dict[str, K.ChannelStats] | None:
+        """Channel statistics of the inputs of the consumers of candidate channels (the only ones read)."""
         if calib is None:
             return None
-        tensors = sorted({r.input_tensor for r in self.red if r.in_ids is not None})
+        used = self.touches(groups)
+        tensors = sorted({r.input_tensor for r, u in zip(self.red, used) if u})
         dims = {t: (self.cg.tensors[t][0], len(self.cg.tensors[t][1])) for t in tensors}
         return observe(self.model, calib, tensors, lambda t: K.ChannelStats(*dims[t]), desc="prune: calibrating",
                        total=len(calib))
@@ -269,8 +316,9 @@ class _Plan:
                     add(self.cg.roots(s.ids), np.abs(gamma) / np.sqrt(var + float(s.node.attrs.get("epsilon", 1e-5))))
         elif criterion in ("activation", "recon"):
             cond_cache: dict[str, np.ndarray] = {}
+            used = self.touches(groups)
             for k, r in enumerate(self.red):
-                if r.in_ids is None:
+                if not used[k]:  # sums over no candidate channel: its statistics score nothing
                     continue
                 st = stats[r.input_tensor]
                 if criterion == "activation":
@@ -425,24 +473,120 @@ class _Plan:
             mode = o.compensate if o.compensate != "auto" else ("refit" if calib is not None else "none")
             if criterion in ("activation", "recon") or mode != "none":
                 self.ctx.require_calibration("prune")
-            cstats = self.calibration_stats() if calib is not None else None
+            stats.update(compensation=mode, macs_requested=o.macs, macs_counted_at=self.mac_shapes)
+            budget = sum(m for m, u in zip(self.node_macs, self.touches(groups)) if u) if groups else 0.0
+            if not groups or not budget or o.macs <= 0:
+                # decided before any calibration run or covariance: nothing here can be budgeted
+                why = (None if not groups else
+                       "the budget removes nothing (macs=0)" if o.macs <= 0 else
+                       f"the layers reading the {len(groups)} prunable groups count 0 MACs at the "
+                       f"{self.mac_shapes} input shapes (shapes unknown: give --input-shape or --calib)")
+                stats.update(criterion=criterion, removed_channels=0, macs_before=int(self.macs_before),
+                             macs_after=int(self.macs_before), mac_reduction=0.0)
+                return PassResult(False, stats, skipped + self.skipped, self.report(groups, [], set()),
+                                  reason=why or self.noop_reason(groups, skipped))
+            split = split_samples(calib, o.holdout, o.guard_samples, self.model) if calib is not None else None
+            cstats = self.calibration_stats(split.fit, groups) if split is not None else None
+            groups = self.finite_groups(groups, cstats)
             scores = self.scores(groups, criterion, cstats, mode)
-            memberships = self.memberships(groups)
-            picked = K.select_channels(scores, self.node_macs, memberships, self.sizes, o.macs, o.max_ratio,
-                                       max(o.round_to, 1))
-            removed = {self.cg.groups[gi].classes[j] for gi, chosen in zip(groups, picked) for j in chosen}
+            steps = K.select_channel_steps(scores, self.node_macs, self.memberships(groups), self.sizes, o.macs,
+                                           o.max_ratio, max(o.round_to, 1))
+            removed = self.removal(groups, steps)
+            if removed and o.min_cosine > 0 and split is not None:
+                removed, why = self.guard(groups, steps, mode, cstats, split.guard, split.held_out, stats)
+                if not removed:
+                    stats.update(criterion=criterion, removed_channels=0, macs_before=int(self.macs_before),
+                                 macs_after=int(self.macs_before), mac_reduction=0.0)
+                    return PassResult(False, stats, skipped + self.skipped, self.report(groups, scores, set()),
+                                      reason=why)
+                if mode != "none" and split.held_out:
+                    # the channels are chosen; compensate with statistics of every sample, held-out ones included
+                    for name, st in self.calibration_stats(split.held, groups).items():
+                        cstats[name].merge(st)
+            elif removed:
+                stats["guard"] = ("off (min_cosine=0)" if o.min_cosine <= 0 else
+                                  "not measured: no calibration data (give --calib to bound the output error)")
             if removed and mode != "none":
                 stats.update(self.compensate(removed, mode, cstats))
-            stats["compensation"] = mode
         stats["criterion"] = criterion
         after = self.macs_after(removed)
         details = self.report(groups, scores, removed)
         stats.update({"removed_channels": len(removed), "macs_before": int(self.macs_before),
                       "macs_after": int(round(after)),
                       "mac_reduction": round(1 - after / self.macs_before, 4) if self.macs_before else 0.0})
+        if str(stats.get("guard", "")).startswith("backed off"):
+            stats["guard"] += f"; MACs reduced by {stats['mac_reduction']:.3f} (asked {o.macs})"
         if removed:
             self.apply(removed)
-        return PassResult(changed=bool(removed), stats=stats, skipped=skipped + self.skipped, details=details)
+        return PassResult(changed=bool(removed), stats=stats, skipped=skipped + self.skipped, details=details,
+                          reason="" if removed else self.noop_reason(groups, skipped))
+
+    def removal(self, groups: list[int], steps: list[tuple[int, list[int]]]) -> set[int]:
+        """The channel classes removed by the given selection steps (group position, channel indices)."""
+        return {self.cg.groups[groups[g]].classes[j] for g, chunk in steps for j in chunk}
+
+    def guard(self, groups: list[int], steps: list[tuple[int, list[int]]], mode: str, cstats: Any,
+              samples: list, held_out: bool, stats: dict[str, Any]) -> tuple[set[int], str]:
+        """The longest prefix of the selection steps whose pruned (and compensated) model meets `min_cosine`.
+
+        Each trial prunes a fresh copy of the graph as the final rewrite will, compensated with the
+        statistics of the fitting samples and measured on the held-out ones (the final compensation
+        then uses every sample). Returns the classes to remove and, when none, why.
+        """
+        o = self.o
+        guard = AccuracyGuard(self.model, samples, o.min_cosine)
+
+        def build(k: int) -> onnx.ModelProto:
+            trial = self.fork()
+            removed = trial.removal(groups, steps[:k])
+            if mode != "none":
+                trial.compensate(removed, mode, cstats)
+            trial.apply(removed)
+            return export_model(trial.graph)
+
+        out = guard.search(len(steps), build)
+        stats.update(out.stats(len(steps), o.min_cosine, held_out, len(samples)))
+        where = f"{len(samples)} {'held-out' if held_out else 'calibration (not held-out)'} samples"
+        if out.kept == len(steps):
+            stats["guard"] = f"met: output cosine {out.cosine:.4f} >= {o.min_cosine} on {where}"
+        elif out.kept:
+            stats["guard"] = (f"backed off: {out.kept} of {len(steps)} selection steps kept, output cosine "
+                              f"{out.cosine:.4f} >= {o.min_cosine} on {where} (full budget: "
+                              f"{out.trials[0].cosine:.4f})")
+        else:
+            least = min(out.trials, key=lambda t: t.kept)
+            stats["guard"] = (f"the accuracy guard measured output cosine {least.cosine:.4f} < min_cosine="
+                              f"{o.min_cosine} on {where} with only the first {least.kept} of {len(steps)} "
+                              f"selection steps; the model is left unchanged")
+            return set(), stats["guard"]
+        return self.removal(groups, steps[:out.kept]), ""
+
+    def fork(self) -> "_Plan":
+        """This plan on a fresh copy of the graph (re-imported from `model`), for a guard trial."""
+        graph = import_model(self.model)
+        graph._onnxopt_names = None  # as the pass manager does: names are collected on first use
+        nodes = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
+        cg = copy.copy(self.cg)
+        cg.sites = [replace(s, node=nodes[s.node.outputs[0].name]) for s in self.cg.sites]
+        cg.reducers = [replace(r, node=nodes[r.node.outputs[0].name]) for r in self.cg.reducers]
+        plan = copy.copy(self)
+        plan.graph, plan.cg, plan.red = graph, cg, cg.reducers
+        plan.values, plan.dirty, plan.dirty_slots, plan.extra_sites, plan.skipped = {}, set(), [], [], []
+        plan.node_after = list(self.node_macs)
+        return plan
+
+    def noop_reason(self, groups: list[int], skipped: list[dict[str, str]]) -> str:
+        """Why no channel was removed, for the report."""
+        if not self.cg.groups:
+            return "no channel group: the model has no prunable Conv/Gemm/MatMul layer"
+        if not groups:
+            why = count_reasons(skipped + self.skipped, limit=2)
+            return (f"none of the {len(self.cg.groups)} channel groups can be pruned"
+                    + (f" ({why})" if why else " (protected or not prunable)"))
+        if self.o.exact:
+            return f"no provably dead channel in {len(groups)} prunable groups"
+        return (f"no channel chosen in {len(groups)} prunable groups under macs={self.o.macs}, "
+                f"max_ratio={self.o.max_ratio}, round_to={self.o.round_to}")
 
     def memberships(self, groups: list[int]) -> list[list[list[tuple[int, int, int]]]]:
         index = {c: (gi, j) for gi in groups for j, c in enumerate(self.cg.groups[gi].classes)}

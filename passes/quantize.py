@@ -26,6 +26,17 @@ error budget, `storage_sqnr`: the layers whose rounded weights cost the most
 SQNR keep float weights until the int8-stored model reaches it, and
 `target_sqnr` then measures the int8 compute layers against that model.
 
+Layers the calibrated path cannot reach still get int8 weight storage, measured
+the same way (output SQNR against float, `storage_sqnr`) and reported per layer
+with where they live: recurrent layers (LSTM/GRU/RNN, no QDQ integer kernel on
+the CPU EP) and MAC layers inside If/Loop/Scan bodies (their activations cannot
+be calibrated by adding graph outputs; their weights may live in an outer graph).
+Layers that already compute in integers (MatMulInteger, ConvInteger,
+DynamicQuantizeLSTM, QLinear*, QDQ) are reported and left alone;
+`requantize=true` turns onnxruntime's dynamic MatMulInteger layers back into
+float MatMuls and quantizes them with calibration. A run that changes nothing
+says why (`PassResult.reason`).
+
 Every decision is reproducible: per-layer and whole-model timings come from
 the disk `TimingCache` ($ONNXOPT_CACHE), keyed by layer shape and by the
 content hash of the float and int8 models, and calibration statistics are
@@ -54,15 +65,17 @@ from onnxopt.graph import export_model, import_model, model_hash
 from onnxopt.model_io import structure_only
 from onnxopt.kernels.bias_correction import mean_output_shift
 from onnxopt.kernels.bias_guard import bias_safe_weight_scales
-from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, dequantize, quantize, quantize_bias,
+from onnxopt.kernels.quant import (BIAS_MIN_SCALE, BiasQuantizationError, all_finite, dequantize, quantize, quantize_bias,
                                    quantize_weight_blocks, quantize_weight_per_channel, quantize_weight_per_tensor,
                                    scale_zero_point, u8s8_saturates)
 from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
-from onnxopt.qdq import (INT8_STORAGE_MIN_ELEMENTS, MAC_OPS, PASS_THROUGH_OPS, ActParams, LayerQuant, apply_qdq,
-                         optimized_nodes, optimized_op_types, reduction_axes, single_layer_model, weight_axis,
-                         weight_dq_name)
+from onnxopt.qdq import (INT8_STORAGE_MIN_ELEMENTS, MAC_OPS, PASS_THROUGH_OPS, RECURRENT_OPS, ActParams,
+                         LayerQuant, WeightStore, apply_qdq, dequantize_dynamic_matmuls, integer_layers,
+                         optimized_nodes, optimized_op_types, reduction_axes, single_layer_model, store_weights,
+                         walk_graphs, weight_axis, weight_dq_name)
 from onnxopt.registry import register_pass
+from onnxopt.report import count_reasons
 from onnxopt.sensitivity import Trial, output_sqnr, reference_outputs, sensitivity
 from onnxopt.shapes import TensorInfo, infer_tensor_info
 from onnxopt.stats import model_stats, node_macs
@@ -78,6 +91,19 @@ def cpu_has_vnni() -> bool:
     return bool(re.search(r"\b(avx512_vnni|avx_vnni)\b", cpu_info().get("flags", "")))
 
 
+def range_override_problem(text: str) -> str | None:
+    """Why a `ranges` entry is not 'tensor=min:max' with finite min <= max, or None if it is."""
+    name, _, rng = text.partition("=")
+    lo, _, hi = rng.partition(":")
+    try:
+        low, high = float(lo), float(hi)
+    except ValueError:
+        return "is not 'tensor=min:max'"
+    if not name or not (np.isfinite(low) and np.isfinite(high)) or low > high:
+        return "needs a tensor name and finite min <= max"
+    return None
+
+
 @register_pass("quantize")
 class Quantize(Pass):
     """Calibrated INT8 QDQ quantization, latency- and accuracy-aware, fused by onnxruntime's CPU EP."""
@@ -87,30 +113,34 @@ class Quantize(Pass):
 
     @dataclass
     class Options:
-        method: str = option("percentile", "activation range method: minmax|percentile|entropy|mse")
-        percentile: float = option(99.999, "percentile for method=percentile")
+        method: str = option("percentile", "activation range method", choices=METHODS)
+        percentile: float = option(99.999, "percentile for method=percentile", above=0, high=100)
         per_channel: bool = option(True, "per-output-channel weight scales (else per tensor)")
-        activations: str = option("uint8", "uint8 (asymmetric) or int8 (symmetric) activations")
+        activations: str = option("uint8", "uint8 (asymmetric) or int8 (symmetric) activations",
+                                  choices=("uint8", "int8"))
         latency_aware: bool = option(True, "keep a layer float where its int8 form is not faster")
         accuracy_aware: bool = option(True, "keep the most sensitive layers float until target_sqnr is met")
         target_sqnr: float = option(35.0, "model output SQNR (dB) to reach on the calibration samples")
-        max_float_layers: int = option(-1, "at most this many layers kept float for accuracy (-1: no limit)")
-        sensitivity_samples: int = option(8, "calibration samples used for sensitivity and SQNR")
-        vnni: str = option("auto", "auto|yes|no: target a CPU with VNNI (no: 7-bit weights where u8s8 saturates)")
-        op_types: list[str] = option(list(MAC_OPS), "op types to quantize")
-        include: list[str] = option([], "regexes: only nodes whose name matches one are quantized")
-        exclude: list[str] = option([], "regexes: nodes whose name matches one stay float")
-        ranges: list[str] = option([], "per-tensor range overrides 'tensor=min:max'")
+        max_float_layers: int = option(-1, "at most this many layers kept float for accuracy (-1: no limit)", low=-1)
+        sensitivity_samples: int = option(8, "calibration samples used for sensitivity and SQNR", low=1)
+        vnni: str = option("auto", "target a CPU with VNNI (no: 7-bit weights where u8s8 saturates)",
+                           choices=("auto", "yes", "no"))
+        op_types: list[str] = option(list(MAC_OPS), "op types to quantize", choices=MAC_OPS)
+        include: list[str] = option([], "regexes: only nodes whose name matches one are quantized", kind="regex")
+        exclude: list[str] = option([], "regexes: nodes whose name matches one stay float", kind="regex")
+        ranges: list[str] = option([], "per-tensor range overrides 'tensor=min:max'", check=range_override_problem)
         cache: bool = option(True, "cache calibration statistics on disk")
         check_latency: bool = option(True, "time the whole float and int8 models (cached) and back off while slower")
         bias_correction: bool = option(False, "subtract the mean output shift of rounded weights from the bias "
                                               "(off: on PP-OCRv4 rec it lowered all-int8 SQNR 22.7 -> 20.5 dB)")
-        weight_storage: str = option("int8", "int8|float: how layers left float store their weights (int8: "
-                                             "Cast->Mul that the runtime folds at load; smaller, same speed)")
+        weight_storage: str = option("int8", "how layers left float store their weights (int8: Cast->Mul that "
+                                             "the runtime folds at load; smaller, same speed)", choices=STORAGE)
         storage_block: int = option(32, "stored int8 weights get one scale per this many values of an output "
-                                        "channel (0: one per channel)")
+                                        "channel (0: one per channel)", low=0)
         storage_sqnr: float = option(30.0, "SQNR (dB) against float that int8 weight storage alone must keep; "
                                            "the weights that cost most stay float until it is met")
+        requantize: bool = option(False, "turn MatMulInteger layers of onnxruntime's dynamic quantization back "
+                                         "into float MatMuls (weights dequantized) and quantize them with calibration")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -128,10 +158,18 @@ class Quantize(Pass):
             if note:
                 notes.append(note)
                 per_channel = False
+        requantized, left = [], []
+        if opts.requantize:
+            model, requantized, left = dequantize_dynamic_matmuls(model)
+            if requantized:
+                notes.append(f"requantize: {len(requantized)} MatMulInteger layers turned back into float MatMuls")
         work = _Work(model, data, opts, per_channel, notes, ctx.settings.get("executor"))
         final, details, stats, skipped = work.run()
-        if final is work.model:
-            return PassResult(changed=False, stats=stats, skipped=skipped, details=details)
+        skipped = skipped + left
+        stats["requantized"] = len(requantized)
+        if final is work.model and not requantized:
+            return PassResult(changed=False, stats=stats, skipped=skipped, details=details,
+                              reason=work.noop_reason())
         new = import_model(final)
         graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
         graph.opset, graph.import_domains = new.opset, new.import_domains
@@ -247,15 +285,25 @@ class _Work:
                 self.producer[t] = n
         self.skipped: list[dict[str, str]] = []
         self.rows: dict[str, dict] = {}
+        #: Layers that already compute in integers (pre-quantized models): reported, left alone.
+        self.already = integer_layers(model)
+        self.outside: list[tuple[dict, list[tuple[str, int]]]] = []
+        self.cands: list[onnx.NodeProto] = []
+        self.samples: list | None = None
 
     # ---- which layers -------------------------------------------------------------------------
+    @property
+    def already_main(self) -> set[str]:
+        """Names of the main graph's layers that are already int8 (QDQ MAC layers among them)."""
+        return {r["node"] for r in self.already if r["where"] == "main graph"}
+
     def candidates(self) -> list[onnx.NodeProto]:
         """MAC nodes with constant float weights that pass the include/exclude filters."""
         found = []
         for i, n in enumerate(self.model.graph.node):
             if not n.name:
                 n.name = f"{n.op_type}_{i}"
-            if n.op_type not in self.opts.op_types or n.op_type not in MAC_OPS:
+            if n.op_type not in self.opts.op_types or n.op_type not in MAC_OPS or n.name in self.already_main:
                 continue
             if self.opts.include and not any(re.search(p, n.name) for p in self.opts.include):
                 continue
@@ -272,12 +320,15 @@ class _Work:
 
     def _unsupported(self, n: onnx.NodeProto) -> str | None:
         if len(n.input) < 2 or n.input[1] not in self.consts:
-            return "weight is not a constant"
+            return "weight is not a constant" if len(n.input) < 2 or n.input[1] not in self.producer or \
+                self.producer[n.input[1]].op_type != "DequantizeLinear" else "weight already int8 (DequantizeLinear)"
         if n.input[0] in self.consts:
             return "input is a constant (fold it first)"
         w = self.consts[n.input[1]]
         if w.dtype != np.float32:
             return f"weight dtype {w.dtype} is not float32"
+        if not all_finite(w):
+            return "weight holds inf/NaN: kept float"
         if len(n.input) > 2 and n.input[2] and n.input[2] not in self.consts:
             return "bias is not a constant"
         if n.op_type == "MatMul" and w.ndim != 2:
@@ -583,14 +634,174 @@ class _Work:
                               f"of {len(store)} layers at load here: float weights kept for them")
         return folds
 
+    # ---- layers the calibrated path cannot reach ------------------------------------------------
+    def outside_layers(self) -> list[tuple[dict, list[tuple[str, int]]]]:
+        """Layers that can only get int8 weight storage, with their (weight tensor, output-channel axis)
+        pairs: recurrent layers (LSTM/GRU/RNN: no int8 kernel fuses from QDQ on the CPU EP) anywhere,
+        and MAC layers inside If/Loop/Scan bodies, whose activations cannot be calibrated by adding
+        graph outputs. A weight defined in an outer graph is found through the scopes (outer-scope
+        reference). Layers whose weights are not constants go to the skipped list, with why."""
+        found = []
+        for g, where, scopes in walk_graphs(self.model.graph):
+            body = where != "main graph"
+            for n in g.node:
+                recurrent = n.op_type in RECURRENT_OPS
+                if not recurrent and not (body and n.op_type in MAC_OPS and n.op_type in self.opts.op_types):
+                    continue
+                if self.opts.include and not any(re.search(p, n.name) for p in self.opts.include):
+                    continue
+                row = {"node": n.name, "op": n.op_type, "where": where, "int8": False}
+                if any(re.search(p, n.name) for p in self.opts.exclude):
+                    self.rows[n.name] = {**row, "why": "excluded"}
+                    continue
+                idx = RECURRENT_OPS[n.op_type] if recurrent else (1,)
+                axis = 1 if recurrent else weight_axis(n)
+                weights, why = [], None
+                for i in idx:
+                    t = n.input[i] if i < len(n.input) else ""
+                    value = next((sc[t] for sc in scopes if t in sc), None)
+                    if value is None:
+                        why = f"weight '{t}' is computed, not a constant"
+                    elif value.data_type != onnx.TensorProto.FLOAT:
+                        why = f"weight '{t}' is {onnx.helper.tensor_dtype_to_np_dtype(value.data_type)}, not float32"
+                    elif value.data_location != onnx.TensorProto.EXTERNAL \
+                            and not all_finite(onnx.numpy_helper.to_array(value)):
+                        why = f"weight '{t}' holds inf/NaN: kept float"
+                    else:
+                        weights.append((t, axis))
+                if why:
+                    self.skipped.append({"node": n.name, "op": n.op_type, "reason": f"{where}: {why}"})
+                    continue
+                row["why"] = (f"inside {where}: its activations cannot be calibrated, int8 compute not tried"
+                              if body else f"no int8 {n.op_type} kernel from QDQ on the CPU EP")
+                found.append((row, weights))
+        return found
+
+    def weight_array(self, tensor: str) -> np.ndarray:
+        """A constant's value, wherever in the model (main graph or a body) it is defined."""
+        if tensor in self.consts:
+            return self.consts[tensor]
+        for _, _, scopes in walk_graphs(self.model.graph):
+            if tensor in scopes[0]:
+                return numpy_helper.to_array(scopes[0][tensor])
+        raise KeyError(tensor)
+
+    def weight_store(self, tensor: str, axis: int) -> WeightStore:
+        """Int8 storage of a weight: blocks of `storage_block` values of each output channel where the
+        layout allows (a recurrent [directions, gates*hidden, inputs] weight as a matrix of its rows),
+        else one scale per output channel."""
+        w = self.weight_array(tensor)
+        flat, faxis = (w.reshape(-1, w.shape[-1]), 0) if w.ndim == 3 and axis == 1 else (w, axis)
+        blocks = quantize_weight_blocks(flat, faxis, self.opts.storage_block) if self.opts.storage_block > 1 else None
+        if blocks is not None:
+            return WeightStore(tensor, blocks[0], blocks[1], tuple(w.shape))
+        q, s, _ = quantize_weight_per_channel(w, axis)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        return WeightStore(tensor, q, np.asarray(s, np.float32).reshape(shape))
+
+    def ensure_reference(self) -> None:
+        """The sensitivity samples and the float model's outputs on them (computed once)."""
+        if self.samples is None:
+            self.samples = [s for _, s in zip(range(max(1, self.opts.sensitivity_samples)), self.data)]
+            self.reference = reference_outputs(self.model, self.samples)
+
+    def store_outside(self, final: onnx.ModelProto, stats: dict) -> onnx.ModelProto:
+        """`final` with int8 storage for the weights of `self.outside` (recurrent layers, layers inside
+        bodies), measured like the rest: each weight's rounding alone (output SQNR against float),
+        then the weights that cost most stay float until the model with all of them stored reaches
+        `storage_sqnr`; kept only if onnxruntime folds every stored weight back at load (bodies
+        included), else said so per layer."""
+        if not self.outside:
+            return final
+        stores: dict[str, WeightStore] = {}
+        for row, ws in self.outside:
+            self.rows[row["node"]] = row
+            if self.opts.weight_storage != "int8":
+                row["weight_storage"] = "float (weight_storage=float)"
+                continue
+            small = [t for t, _ in ws if self.weight_array(t).size < INT8_STORAGE_MIN_ELEMENTS]
+            if small:
+                row["weight_storage"] = f"float (fewer than {INT8_STORAGE_MIN_ELEMENTS} values)"
+                continue
+            for t, axis in ws:
+                if t not in stores:
+                    stores[t] = self.weight_store(t, axis)
+        if not stores:
+            return final
+        self.ensure_reference()
+        alone = {t: self.output_sqnr(store_weights(self.model, [st])) for t, st in stores.items()}
+        order = sorted(stores, key=lambda t: alone[t])
+
+        @functools.lru_cache(maxsize=None)
+        def sqnr_at(k: int) -> float:
+            return self.output_sqnr(store_weights(self.model, [stores[t] for t in order[k:]])) \
+                if k < len(order) else float("inf")
+
+        k = _fewest_float(len(order) if self.opts.accuracy_aware else 0, sqnr_at, self.opts.storage_sqnr)
+        chosen = set(order[k:])
+        folds = bool(chosen) and collections.Counter(
+            optimized_op_types(store_weights(self.model, [stores[t] for t in order[k:]]), subgraphs=True)
+        ) == collections.Counter(optimized_op_types(self.model, subgraphs=True))
+        if chosen and not folds:
+            self.notes.append("onnxruntime does not fold the int8-stored weights of recurrent or control-flow "
+                              "layers at load here: float weights kept for them")
+        for row, ws in self.outside:
+            if "weight_storage" in row:
+                continue
+            row["storage_sqnr_db"] = round(min(alone[t] for t, _ in ws), 2)
+            if not chosen:
+                row["weight_storage"] = "float (no weight met storage_sqnr)"
+            elif not folds:
+                row["weight_storage"] = "float (onnxruntime would not fold int8 storage at load)"
+            elif all(t in chosen for t, _ in ws):
+                row["weight_storage"] = "int8"
+            else:
+                row["weight_storage"] = f"float (rounding alone {row['storage_sqnr_db']:.1f} dB)"
+        if not chosen or not folds:
+            return final
+        stats["outside_int8_stored_layers"] = sum(r.get("weight_storage") == "int8" for r, _ in self.outside)
+        stats["sqnr_outside_storage_db"] = round(sqnr_at(k), 2)
+        return store_weights(final, [stores[t] for t in order[k:]])
+
+    def noop_reason(self) -> str:
+        """Why the pass left the model as it was: one line for the report."""
+        parts = []
+        if not self.cands:
+            why = count_reasons(self.skipped, limit=3)
+            parts.append("no quantizable layer in the main graph" + (f" ({why})" if why else ""))
+        else:
+            rows = [self.rows[n.name] for n in self.cands if n.name in self.rows]
+            parts.append(f"kept all {len(self.cands)} layers float: {count_reasons(rows, 'why', 3)}")
+        if self.already:
+            names = ", ".join(r["node"] for r in self.already[:4]) + (", ..." if len(self.already) > 4 else "")
+            parts.append(f"already int8: {len(self.already)} layers ({names})")
+        if self.outside:
+            rows = [r for r, _ in self.outside]
+            where = sorted({r["where"] for r in rows})
+            parts.append(f"{len(rows)} recurrent or control-flow layers ({', '.join(where[:3])}"
+                         f"{', ...' if len(where) > 3 else ''}) could only store int8 weights: "
+                         f"{count_reasons(rows, 'weight_storage', 2)}")
+        return "; ".join(parts)
+
     # ---- the pass -------------------------------------------------------------------------------
     def run(self):
         self.ranges: dict[str, tuple[float, float]] = {}
-        cands = self.candidates()
+        cands = self.cands = self.candidates()
+        self.outside = self.outside_layers()
         stats: dict = {"candidates": len(cands), "method": self.opts.method, "per_channel": self.per_channel,
-                       "activations": self.act_type, "vnni": self.vnni, "notes": self.notes}
+                       "activations": self.act_type, "vnni": self.vnni, "notes": self.notes,
+                       "already_int8": len(self.already), "outside_layers": len(self.outside)}
+        for r in self.already:
+            redo = " (requantize=true redoes it with calibration)" \
+                if r["op"] == "MatMulInteger" and not self.opts.requantize else ""
+            self.rows[r["node"]] = {**r, "int8": True, "already_int8": True,
+                                    "why": f"already int8 ({r['op']}): left as it is{redo}"}
         if not cands:
-            return self.model, list(self.rows.values()), stats, self.skipped
+            final = self.store_outside(self.model, stats)
+            if final is not self.model:
+                stats["output_sqnr_db"] = round(self.output_sqnr(final), 2)
+            return final, list(self.rows.values()), stats, self.skipped
         first = next(iter(self.data))
         shapes = {k: tuple(v.shape) for k, v in first.items()}
         info = self.info = infer_tensor_info(self.model, shapes)
@@ -627,8 +838,7 @@ class _Work:
                 if not fast:
                     self.rows[name].update(int8=False, why=f"int8 slower ({ratio:.2f}x float)")
                     del layers[name]
-        self.samples = [s for _, s in zip(range(max(1, self.opts.sensitivity_samples)), self.data)]
-        self.reference = reference_outputs(self.model, self.samples)
+        self.ensure_reference()
         self.store: dict[str, LayerQuant] = {}
         compute_ref = self.reference
         if self.opts.weight_storage == "int8":
@@ -681,6 +891,7 @@ class _Work:
         stats.update(int8_layers=len(kept), float_layers=len(cands) - len(kept),
                      int8_mac_share=round(int8_macs / all_macs, 4), int8_candidate_mac_share=round(int8_macs / total, 4))
         stats["int8_stored_layers"] = len(stored)
+        final = self.store_outside(final, stats)
         if final is not self.model:
             stats["output_sqnr_db"] = round(self.output_sqnr(final), 2)
         return final, list(self.rows.values()), stats, self.skipped

@@ -220,7 +220,7 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def assert_same_outputs(spec: Spec, pipeline: str, batches: tuple[int, ...] = (2, 3, 1),
                         rtol: float = 1e-4, atol: float = 1e-5) -> onnx.ModelProto:
-    """Optimize the spec's model at batch `batches[0]` and compare outputs at every batch; return the result.
+    """Optimize the spec's model (batch axis left dynamic) and compare outputs at every batch; return the result.
 
     Checking at batch sizes other than the one the pipeline saw proves dynamic axes were not frozen.
     """
@@ -228,7 +228,7 @@ def assert_same_outputs(spec: Spec, pipeline: str, batches: tuple[int, ...] = (2
 
     model = build(spec)
     shape = (spec.channels, spec.size, spec.size)
-    out = onnxopt.optimize(model, pipeline=pipeline, input_shapes={"x": (batches[0], *shape)}).model
+    out = onnxopt.optimize(model, pipeline=pipeline).model  # input_shapes would pin the batch axis
     onnx.checker.check_model(out, full_check=True)
     assert [i.name for i in out.graph.input] == ["x"] and out.graph.output[0].name == model.graph.output[0].name
     rng = np.random.default_rng(spec.seed + 1)

@@ -221,3 +221,18 @@ def test_subprocess_prints_one_line_and_no_traceback(work, case):
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
     assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("content,mentions", [(b"", "empty file"), (b"not a zip archive", "not a .npz archive"),
+                                              (None, "holds no arrays")])
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_empty_or_non_zip_npz(work, capsys, content, mentions, layout):
+    """An empty, non-zip or array-less .npz, alone or in a calibration directory: one line, exit 2."""
+    target = work / "calib.npz" if layout == "file" else work / "calib" / "000.npz"
+    target.parent.mkdir(exist_ok=True)
+    if content is None:
+        np.savez(target)
+    else:
+        target.write_bytes(content)
+    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", "fold,quantize",
+                       "--calib", str(target if layout == "file" else target.parent)], capsys, work, mentions=mentions)

@@ -48,6 +48,7 @@ def test_pass_contract(pass_name, cls_model):
         onnxopt.graph.cleanup(graph)
         after = graph_hash(graph)
         assert result.changed == (before != after), f"{pass_name}: changed={result.changed} but hashes say otherwise"
+        assert result.changed or result.reason.strip(), f"{pass_name} changed nothing and gave no reason"
         return onnxopt.graph.export_model(graph), result
 
     out1, _ = run_once(model)

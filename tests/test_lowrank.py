@@ -150,7 +150,9 @@ def test_gemm_with_transposes_alpha_beta():
     ref = _run(model, {"x": x})
     errs = {}
     for method in ("whiten", "svd"):
-        res = onnxopt.optimize(model, f"lowrank{{params=0.5,timing=false,method={method}}}", calibration=calib)
+        # min_cosine=0: both methods at the full budget (unguarded), to compare their errors
+        res = onnxopt.optimize(model, f"lowrank{{params=0.5,timing=false,method={method},min_cosine=0}}",
+                               calibration=calib)
         assert _lowrank_record(res)["stats"]["fraction_removed"] >= 0.5
         errs[method] = np.linalg.norm(_run(res.model, {"x": x}) - ref) / np.linalg.norm(ref)
     assert errs["whiten"] < errs["svd"]
@@ -287,3 +289,79 @@ def test_layers_sharing_an_input_share_the_first_factor():
     ref = make_session(model).run(None, calib[0])
     for a, b in zip(ref, make_session(res.model).run(None, calib[0])):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+# ------------------------------------------------------------------ the accuracy guard
+def _two_layer_model(W1: np.ndarray, W2: np.ndarray) -> onnx.ModelProto:
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="costly"),
+                           helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("MatMul", ["r", "W2"], ["y"], name="cheap")], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "T", W1.shape[0]])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _iso_calib(shape: tuple[int, ...], n: int) -> list[dict[str, np.ndarray]]:
+    """Uncorrelated activations with more rows than channels: whitening cannot hide a rank cut."""
+    return [{"x": RNG.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def _worst_cosine(model: onnx.ModelProto, cand: onnx.ModelProto, samples: list[dict]) -> float:
+    from onnxopt.kernels.metrics import cosine
+    a, b = make_session(model), make_session(cand)
+    return min(cosine(a.run(None, s)[0], b.run(None, s)[0]) for s in samples)
+
+
+def test_guard_backs_off_a_budget_that_breaks_accuracy():
+    """params=0.6 forces a rank cut into a full-rank layer; the guard gives that layer back, and only that one."""
+    costly = (RNG.standard_normal((128, 128)) / np.sqrt(128)).astype(np.float32)  # flat spectrum
+    cheap = _low_rank(128, 128, 8, noise=0.001)  # nearly rank 8
+    model = _two_layer_model(costly, cheap)
+    calib = _iso_calib((1, 64, 128), 4)
+    free = onnxopt.optimize(model, "lowrank{params=0.6,timing=false,min_cosine=0}", calibration=calib)
+    unguarded = _worst_cosine(model, free.model, calib)
+    assert _lowrank_record(free)["stats"]["factorized"] == 2 and unguarded < 0.99
+    res = onnxopt.optimize(model, "lowrank{params=0.6,timing=false}", calibration=calib)
+    rec = _lowrank_record(res)
+    st = rec["stats"]
+    assert rec["changed"] and st["factorized"] == 1 and st["guard"].startswith("backed off")
+    assert 0 < st["fraction_removed"] < st["fraction_chosen_before_guard"]
+    assert st["guard_held_out"] and st["guard_cosine"] >= 0.99
+    assert _worst_cosine(model, res.model, calib) >= 0.99
+    assert _worst_cosine(model, res.model, _iso_calib((1, 64, 128), 4)) >= 0.99  # data it never saw
+    assert [s["node"] for s in rec["skipped"] if "accuracy guard" in s["reason"]] == ["costly"]
+    # a looser target keeps the whole budget: the option decides
+    loose = onnxopt.optimize(model, f"lowrank{{params=0.6,timing=false,min_cosine={unguarded - 1e-3:.6f}}}",
+                             calibration=calib)
+    assert _lowrank_record(loose)["stats"]["factorized"] == 2
+
+
+def test_guard_leaves_the_model_unchanged_when_no_factorization_meets_the_target():
+    model = _matmul_model((RNG.standard_normal((96, 96)) / 10).astype(np.float32))  # full rank, flat
+    calib = _iso_calib((1, 64, 96), 3)
+    res = onnxopt.optimize(model, "lowrank{params=0.5,timing=false}", calibration=calib)
+    rec = _lowrank_record(res)
+    assert not rec["changed"] and _ops(res.model) == ["MatMul"]
+    assert "accuracy guard" in rec["reason"] and "unchanged" in rec["reason"]
+    assert rec["stats"]["factorized"] == 0 and rec["stats"]["guard_held_out"] is True
+
+
+def test_guard_measures_on_held_out_samples_when_there_are_enough():
+    from onnxopt.accuracy_guard import split_samples
+    samples = [{"x": np.full((1,), i, np.float32)} for i in range(12)]
+    split = split_samples(samples, 0.25, 2)
+    assert split.held_out and len(split.fit) == 9 and len(split.held) == 3
+    assert [int(s["x"][0]) for s in split.guard] == [9, 10]  # at most `limit` of the held-out samples
+    split = split_samples(samples[:2], 0.25, 8)  # two samples: one fits, one checks
+    assert split.held_out and len(split.fit) == 1 and len(split.guard) == 1
+    split = split_samples(samples[:1], 0.25, 8)  # nothing to spare: measured in-sample, and said so
+    assert not split.held_out and len(split.fit) == 1 and len(split.guard) == 1
+    # one batched sample (a file of 8 rows, batch dimension dynamic): its last quarter of rows checks
+    model = _matmul_model(np.eye(4, dtype=np.float32))
+    batch = [{"x": np.arange(8 * 3 * 4, dtype=np.float32).reshape(8, 3, 4)}]
+    split = split_samples(batch, 0.25, 8, model)
+    assert split.held_out and split.fit[0]["x"].shape[0] == 6 and split.guard[0]["x"].shape[0] == 2
+    np.testing.assert_array_equal(np.concatenate([split.fit[0]["x"], split.held[0]["x"]]), batch[0]["x"])
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8  # a fixed first dimension is no batch
+    assert not split_samples(batch, 0.25, 8, model).held_out

@@ -245,3 +245,105 @@ def test_kernel_select_channels_respects_budget_ratio_and_multiple():
     after = macs[0] * kept[0] / 16 + macs[1] * kept[1] / 32 * kept[0] / 16 + macs[2] * kept[1] / 32
     assert after <= 0.7 * sum(macs)
     assert removed[0] == sorted(removed[0]) and (not removed[0] or removed[0][0] == 0)
+
+
+# ---- the accuracy guard ------------------------------------------------------------------------------
+WEAK_STRONG = """
+agraph (float[1, 32, 6, 6] x) => (float[1, 4, 6, 6] y) {
+    h = Conv (x, w1, b1)
+    r = Relu (h)
+    y = Conv (r, w2, b2)
+}"""
+
+
+def _weak_strong_weights(weak: int) -> dict[str, np.ndarray]:
+    """16 hidden channels; the first `weak` barely reach the output (cheap to prune), the rest matter."""
+    w1 = _w(16, 32, 1, 1, seed=4)
+    w1[:weak] *= 1e-3
+    return {"w1": w1, "b1": np.zeros(16, np.float32), "w2": _w(4, 16, 1, 1, seed=5), "b2": _w(4, seed=6)}
+
+
+def _guard_calib(model: onnx.ModelProto, n: int) -> list[dict[str, np.ndarray]]:
+    return [{"x": s["x"] + 0.5} for s in seeded_inputs(model, n, seed=7)]
+
+
+def _worst_cosine(model: onnx.ModelProto, cand: onnx.ModelProto, samples) -> float:
+    from onnxopt.kernels.metrics import cosine
+    return min(cosine(a, b) for s in samples for a, b in zip(_run(model, s), _run(cand, s)))
+
+
+def test_guard_shrinks_a_mac_budget_that_breaks_accuracy():
+    model = _model(WEAK_STRONG, _weak_strong_weights(weak=8))
+    calib = _guard_calib(model, 12)  # 12 samples: the last 3 are held out for the guard, then refit on all
+    held_out = calib[9:]
+    opts = "macs=0.6,max_ratio=0.9,round_to=1"
+    free = onnxopt.optimize(model, pipeline=f"prune{{{opts},min_cosine=0}}", calibration=calib)
+    assert _prune_stats(free)["removed_channels"] >= 9 and _worst_cosine(model, free.model, held_out) < 0.99
+    res = onnxopt.optimize(model, pipeline=f"prune{{{opts}}}", calibration=calib)
+    stats = _check_structure(model, res)
+    assert res.report["passes"][0]["changed"] and stats["guard"].startswith("backed off")
+    assert stats["guard_held_out"] and stats["guard_samples"] == 3
+    assert 0 < stats["removed_channels"] < _prune_stats(free)["removed_channels"]
+    assert 0 < stats["mac_reduction"] < stats["macs_requested"]
+    assert stats["guard_cosine"] >= 0.99 and _worst_cosine(model, res.model, held_out) >= 0.99
+    fresh = [{"x": s["x"] + 0.5} for s in seeded_inputs(model, 6, seed=11)]  # data it never saw
+    assert _worst_cosine(model, res.model, fresh) >= 0.99
+    # a looser target lets the guard keep more of the budget
+    loose = onnxopt.optimize(model, pipeline=f"prune{{{opts},min_cosine=0.5}}", calibration=calib)
+    assert _prune_stats(loose)["removed_channels"] > stats["removed_channels"]
+
+
+def test_guard_leaves_the_model_unchanged_when_every_channel_matters():
+    model = _model(WEAK_STRONG, _weak_strong_weights(weak=0))
+    res = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5,round_to=1,min_cosine=0.9999}",
+                           calibration=_guard_calib(model, 4))
+    record = res.report["passes"][0]
+    assert not record["changed"] and "accuracy guard" in record["reason"] and "unchanged" in record["reason"]
+    np.testing.assert_array_equal(constant_value(import_model(res.model).nodes[0].inputs[1]),
+                                  _weak_strong_weights(0)["w1"])
+
+
+MLP = """
+agraph (float[N, T, 16] x) => (float[N, T, 16] y) {
+    h = MatMul (x, w1)
+    r = Relu (h)
+    y = MatMul (r, w2)
+}"""
+
+
+def test_dynamic_shapes_count_macs_at_the_calibration_shape():
+    """Regression (minilm): MACs were counted at guessed shapes, where MiniLM counts 0, so prune chose nothing
+    after 78 s of scoring; now they are counted at the calibration shape, and zero MACs end the pass at once."""
+    w1 = _w(16, 64, seed=8)
+    w1[:, :32] *= 1e-3  # half the hidden channels are nearly dead
+    model = _model(MLP, {"w1": w1, "w2": _w(64, 16, seed=9)})
+    calib = [{"x": np.random.default_rng(i).standard_normal((2, 5, 16)).astype(np.float32)} for i in range(4)]
+    res = onnxopt.optimize(model, pipeline="prune{macs=0.2,round_to=1}", calibration=calib)
+    stats = _prune_stats(res)
+    assert stats["macs_counted_at"] == "first calibration sample" and stats["macs_before"] == 2 * 5 * 16 * 64 * 2
+    assert stats["removed_channels"] > 0 and stats["mac_reduction"] >= 0.2
+
+
+def test_layers_without_known_shapes_end_the_pass_before_any_scoring():
+    """A MatMul whose input shape comes from a runtime value counts 0 MACs: no budget can be met, said at once."""
+    model = _model("""
+    agraph (float[N, 16] x, int64[2] k) => (float[M, 4] y) {
+        v = Tile (x, k)
+        h = MatMul (v, w1)
+        r = Relu (h)
+        y = MatMul (r, w2)
+    }""", {"w1": _w(16, 64, seed=8), "w2": _w(64, 4, seed=9)})
+    feeds = [{"x": np.ones((3, 16), np.float32), "k": np.array([2, 1], np.int64)}]
+    res = onnxopt.optimize(model, pipeline="prune{macs=0.2,round_to=1}", calibration=feeds)
+    record = res.report["passes"][0]
+    assert not record["changed"] and "0 MACs" in record["reason"]
+    assert "refits" not in record["stats"]  # decided before the calibration statistics
+
+
+def test_kernel_conditional_variance_matches_the_pseudo_inverse():
+    from onnxopt.kernels.pruning import conditional_variance
+    x = np.random.default_rng(3).standard_normal((200, 12)) @ np.random.default_rng(4).standard_normal((12, 12))
+    cov = np.cov(x.T)
+    lam = 1e-3 * np.mean(np.diag(cov))
+    expected = 1.0 / np.diag(np.linalg.pinv(cov + lam * np.eye(12)))
+    np.testing.assert_allclose(conditional_variance(cov, 1e-3), expected, rtol=1e-8)

@@ -305,7 +305,7 @@ def test_storage_sqnr_keeps_the_weights_whose_rounding_costs_most_float(monkeypa
 
 def test_unknown_weight_storage_is_a_user_error():
     from onnxopt.errors import UserError
-    with pytest.raises(UserError, match="weight_storage must be one of int8, float"):
+    with pytest.raises(UserError, match="option 'weight_storage' = 'int4' is not allowed .allowed: one of int8, float"):
         _quantize(_net(), weight_storage="int4")
 
 

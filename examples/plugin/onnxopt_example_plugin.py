@@ -35,4 +35,5 @@ class NameNodes(Pass):
                 node.name = name
                 renamed += 1
             seen.add(name)
-        return PassResult(changed=renamed > 0, stats={"renamed": renamed})
+        return PassResult(changed=renamed > 0, stats={"renamed": renamed},
+                          reason="" if renamed else "every node already has a unique name")
