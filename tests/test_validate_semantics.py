@@ -29,18 +29,9 @@ from onnxopt.kernels.metrics import class_axis, distribution_rows, nonfinite_mis
 from onnxopt.provenance import PIPELINE_KEY, TOLERANCE_KEY, record_provenance, recorded_provenance
 from onnxopt.validate import (PASS_THRESHOLDS, add_validate_arguments, class_score_outputs, merge_sample_metrics,
                               run_validate_command, sample_metrics, validate)
+from test_validate import CONV
 
-CLASSIFIER = """
-<ir_version: 8, opset_import: ["" : 17]>
-g (float[1,3,8,8] x) => (float[1,5] prob) <float[4,3,3,3] w = {%s}, float[4,5] fc = {%s}> {
-    c = Conv<pads = [1,1,1,1]>(x, w)
-    r = Relu(c)
-    p = GlobalAveragePool(r)
-    f = Flatten(p)
-    logits = MatMul(f, fc)
-    prob = Softmax(logits)
-}
-"""
+CLASSIFIER = CONV  # a small Conv classifier ending in Softmax (tests/test_validate.py)
 # a detector-like head: per anchor, 64 raw scores (no softmax) on a large common offset
 BOXES = """
 <ir_version: 8, opset_import: ["" : 17]>
