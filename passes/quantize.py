@@ -775,7 +775,10 @@ class _Work:
             parts.append(f"kept all {len(self.cands)} layers float: {count_reasons(rows, 'why', 3)}")
         if self.already:
             names = ", ".join(r["node"] for r in self.already[:4]) + (", ..." if len(self.already) > 4 else "")
-            parts.append(f"already int8: {len(self.already)} layers ({names})")
+            redo = sum(r["op"] == "MatMulInteger" for r in self.already) if not self.opts.requantize else 0
+            parts.append(f"already int8: {len(self.already)} layers ({names})"
+                         + (f"; quantize{{requantize=true}} requantizes {redo} MatMulInteger layers with "
+                            "calibration" if redo else ""))
         if self.outside:
             rows = [r for r, _ in self.outside]
             where = sorted({r["where"] for r in rows})
