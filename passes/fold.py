@@ -166,11 +166,6 @@ class FoldConstants(Pass):
                     and int_arith.division_traps(*(constant_value(t) for t in node.inputs)):
                 self._skip(node, "integer division by zero (or of the minimum by -1): left for the runtime")
                 continue
-            shared = _shared_large_input(node)
-            if shared is not None:
-                self._skip(node, f"would copy the constant '{shared.name}' ({_nbytes(shared) // 1024} KB), which "
-                                 f"{len({id(c) for c in shared.outputs})} nodes read: left for the runtime")
-                continue
             if node.op in GENERATORS and limit is not None:
                 size = _generator_bytes(node)
                 if size is None or size > limit:
@@ -179,7 +174,29 @@ class FoldConstants(Pass):
                     continue
             out.append(node)
             pending.update(id(t) for t in node.outputs)
-        return out
+        return self._without_copies(out)
+
+    def _without_copies(self, nodes: list[gs.Node]) -> list[gs.Node]:
+        """`nodes` (in order) less those whose folded output would be a copy of a large constant that stays:
+        one that a node not folded now also reads (in this graph or another body), and what depends on them.
+        When every reader folds (the slices of one weight), the constant goes and nothing is copied."""
+        while True:
+            members = {id(n) for n in nodes}
+            drop = {id(n): t for n in nodes if (t := _shared_large_input(n, members)) is not None}
+            if not drop:
+                return nodes
+            dead: set[int] = set()
+            kept = []
+            for n in nodes:
+                if id(n) in drop or any(id(t) in dead for t in n.inputs):
+                    dead.update(id(t) for t in n.outputs)
+                    if id(n) in drop:
+                        t = drop[id(n)]
+                        self._skip(n, f"would copy the constant '{t.name}' ({_nbytes(t) // 1024} KB), which "
+                                      f"{len({id(c) for c in t.outputs})} nodes read: left for the runtime")
+                    continue
+                kept.append(n)
+            nodes = kept
 
     def _evaluate(self, root: gs.Graph, g: gs.Graph, nodes: list[gs.Node]) -> int:
         """Evaluate `nodes` (one batch, else one by one) and turn their used outputs into constants."""
@@ -365,13 +382,15 @@ def _eliminate_common_subexpressions(graph: gs.Graph, counts: dict) -> int:
     return n
 
 
-def _shared_large_input(node: gs.Node) -> gs.Constant | None:
-    """A constant input of `node` of at least SHARED_COPY_BYTES that other nodes (in any graph) also read,
-    when folding `node` would write its output next to it (None: folding copies nothing)."""
+def _shared_large_input(node: gs.Node, folding: set[int]) -> gs.Constant | None:
+    """A constant input of `node` of at least SHARED_COPY_BYTES that a node outside `folding` (ids of the
+    nodes folded together, in one graph) also reads, in any graph: folding `node` would write its output
+    next to a constant that stays (None: folding copies nothing)."""
     if node.op in _SMALL_OUTPUT:
         return None
     for t in node.inputs:
-        if isinstance(t, gs.Constant) and _nbytes(t) >= SHARED_COPY_BYTES and len({id(c) for c in t.outputs}) > 1:
+        if isinstance(t, gs.Constant) and _nbytes(t) >= SHARED_COPY_BYTES \
+                and any(id(c) not in folding for c in t.outputs):
             return t
     return None
 

@@ -437,3 +437,28 @@ def test_folding_a_shared_weight_in_each_branch_does_not_copy_it(tmp_path):
     x = np.random.default_rng(1).standard_normal((1, 64, 64)).astype(np.float32)
     for c in (True, False):
         same_outputs(m, onnx.load(dst), {"c": np.array(c), "x": x})
+
+
+def test_slices_of_one_weight_that_all_fold_are_folded():
+    """Every reader of the weight folds (the gate chunks of an LSTM weight sliced apart): the weight goes,
+    nothing is copied, so the shared-constant rule must not stop it."""
+    w = np.random.default_rng(0).standard_normal((8, 64, 16)).astype(np.float32)
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[4, 32] x) => (float[4, 16] y) <float[8, 64, 16] W = {%s}> {
+        s0 = Constant <value = int64[1] {0}> ()
+        s4 = Constant <value = int64[1] {4}> ()
+        s8 = Constant <value = int64[1] {8}> ()
+        a = Slice (W, s0, s4, s0)
+        b = Slice (W, s4, s8, s0)
+        ra = ReduceSum <keepdims = 0> (a, s0)
+        rb = ReduceSum <keepdims = 0> (b, s0)
+        t = Sub (ra, rb)
+        s32 = Constant <value = int64[1] {32}> ()
+        top = Slice (t, s0, s32, s0)
+        y = MatMul (x, top)
+    }""" % ",".join(f"{v:.6g}" for v in w.reshape(-1)))
+    out = fold(m)
+    assert ops(out) == ["MatMul"]
+    assert _weight_bytes(out) < w.nbytes
+    same_outputs(m, out, {"x": np.ones((4, 32), np.float32)})
