@@ -648,23 +648,26 @@ def _fold_shapes(graph: gs.Graph, counts: dict, info: dict | None = None) -> int
     `info`: tensor shapes inferred on the graph as it is now, when the caller has them."""
     if info is None:
         info = infer_tensor_info(export_structure(graph))
-    values = evaluate_shape_values(graph.nodes, info)
     owners = output_owners(graph)
     n = 0
-    for node in list(graph.nodes):
-        if not node.outputs or id(node.outputs[0]) in owners:
-            continue
-        out = node.outputs[0]
-        v = values.get(id(out))
-        if v is not None and v.known and node.op not in ("Constant",) and isinstance(out, gs.Variable) \
-                and len(node.outputs) == 1:
-            declared = info.get(out.name)
-            if declared is not None and declared.dtype is not None and np.dtype(declared.dtype) != v.dtype:
-                continue  # inference and the abstract value disagree on the type: leave it to the runtime
-            out.to_constant(v.array())
-            out.inputs.clear()
-            n += 1
-            counts["shape_folded"] += 1
+    # bodies too: a body reading the shape of an outer tensor the main graph knows (an If whose condition
+    # is a static dim of a graph input) folds like the main graph; a body's own tensors stay unknown
+    for g in iter_graphs(graph):
+        values = evaluate_shape_values(g.nodes, info)
+        for node in list(g.nodes):
+            if not node.outputs or id(node.outputs[0]) in owners:
+                continue
+            out = node.outputs[0]
+            v = values.get(id(out))
+            if v is not None and v.known and node.op not in ("Constant",) and isinstance(out, gs.Variable) \
+                    and len(node.outputs) == 1:
+                declared = info.get(out.name)
+                if declared is not None and declared.dtype is not None and np.dtype(declared.dtype) != v.dtype:
+                    continue  # inference and the abstract value disagree on the type: leave it to the runtime
+                out.to_constant(v.array())
+                out.inputs.clear()
+                n += 1
+                counts["shape_folded"] += 1
     for node in graph.nodes:
         if node.op != "Reshape" or len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant):
             continue

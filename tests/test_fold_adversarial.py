@@ -462,3 +462,27 @@ def test_slices_of_one_weight_that_all_fold_are_folded():
     assert ops(out) == ["MatMul"]
     assert _weight_bytes(out) < w.nbytes
     same_outputs(m, out, {"x": np.ones((4, 32), np.float32)})
+
+
+def test_a_body_reading_a_static_dim_of_an_outer_input_folds_its_if():
+    """Inside an If branch, a second If's condition is a static dim of a graph input (state[0] == 2 layers,
+    as a voice-activity model tests it): the shape folds in the body and the inner If is inlined."""
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (bool c, float[2, N, 4] state, float[N, 4] x) => (float[N, 4] y) {
+        y = If (c) <then_branch = t () => (float[N, 4] ty) {
+            s = Shape (state)
+            i0 = Constant <value = int64 {0}> ()
+            d = Gather (s, i0)
+            inner = Cast <to = 9> (d)
+            ty = If (inner) <then_branch = a () => (float[N, 4] ay) { ay = Relu (x) },
+                             else_branch = b () => (float[N, 4] by) { by = Neg (x) }>
+        }, else_branch = e () => (float[N, 4] ey) { ey = Identity (x) }>
+    }""")
+    out = fold(m)
+    bodies = [a.g for n in out.graph.node for a in n.attribute if a.HasField("g")]
+    assert not [n for b in bodies for n in b.node if n.op_type == "If"]
+    rng = np.random.default_rng(0)
+    for c in (True, False):
+        same_outputs(m, out, {"c": np.array(c), "state": rng.standard_normal((2, 3, 4)).astype(np.float32),
+                              "x": rng.standard_normal((3, 4)).astype(np.float32)})
