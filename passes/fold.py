@@ -599,9 +599,14 @@ def _inline_constant_ifs(graph: gs.Graph, counts: dict) -> int:
             cond = constant_value(node.inputs[0]) if node.inputs else None
             if cond is None or np.asarray(cond).size != 1:
                 continue
-            branch = node.attrs["then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"]
+            taken = bool(np.asarray(cond).reshape(-1)[0])
+            branch, other = (node.attrs[k] for k in (("then_branch", "else_branch") if taken
+                                                     else ("else_branch", "then_branch")))
             if len(branch.outputs) != len(node.outputs):
                 continue
+            for sub in iter_graphs(other):  # the branch never taken stops reading outer tensors
+                for dropped in list(sub.nodes):
+                    detach(dropped)
             _rename_clashing(graph, branch)
             g.nodes.extend(branch.nodes)
             for inner, outer in zip(list(branch.outputs), list(node.outputs)):

@@ -486,3 +486,27 @@ def test_a_body_reading_a_static_dim_of_an_outer_input_folds_its_if():
     for c in (True, False):
         same_outputs(m, out, {"c": np.array(c), "state": rng.standard_normal((2, 3, 4)).astype(np.float32),
                               "x": rng.standard_normal((3, 4)).astype(np.float32)})
+
+
+def test_the_branch_not_taken_stops_reading_outer_weights():
+    """Once a constant If is inlined, the dropped branch's nodes no longer count as readers of the outer
+    weight, so what the taken branch computes from it folds (and the weight is not kept twice)."""
+    w = np.random.default_rng(0).standard_normal((8, 32, 16)).astype(np.float32)
+
+    def branch(name: str, start: int) -> onnx.GraphProto:
+        nodes = [helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([start], np.int64))),
+                 helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(np.array([start + 4]))),
+                 helper.make_node("Slice", ["W", "s", "e"], ["part"]),
+                 helper.make_node("ReduceSum", ["part", "s0"], ["r"], keepdims=0),
+                 helper.make_node("Add", ["x", "r"], ["o"])]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("o", TP.FLOAT, None)])
+
+    nodes = [helper.make_node("Constant", [], ["s0"], value=numpy_helper.from_array(np.array([0], np.int64))),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("a", 0), else_branch=branch("b", 4))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [32, 16])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, [32, 16])], [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out = fold(m)
+    assert ops(out) == ["Add"] and _weight_bytes(out) < w.nbytes
+    same_outputs(m, out, {"x": np.ones((32, 16), np.float32)})
