@@ -92,21 +92,14 @@ def _control_values(model: onnx.ModelProto, name: str) -> list:
     control input such as a sample rate is meant to take."""
     from onnx import numpy_helper
 
+    from onnxopt.graph import all_graph_protos
+
     consts = {t.name: t for t in model.graph.initializer}
+    for g in all_graph_protos(model.graph):
+        consts.update((node.output[0], a.t) for node in g.node if node.op_type == "Constant" and node.output
+                      for a in node.attribute if a.name == "value")
     found: list = []
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        for node in g.node:
-            if node.op_type == "Constant" and node.output:
-                for a in node.attribute:
-                    if a.name == "value":
-                        consts[node.output[0]] = a.t
-            for a in node.attribute:
-                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
+    for g in all_graph_protos(model.graph):
         for node in g.node:
             if node.op_type == "Equal" and name in node.input:
                 other = [i for i in node.input if i != name]
@@ -114,8 +107,6 @@ def _control_values(model: onnx.ModelProto, name: str) -> list:
                     v = numpy_helper.to_array(consts[other[0]])
                     if v.size == 1 and v.item() not in found:
                         found.append(v.item())
-            for a in node.attribute:
-                stack.extend([a.g] if a.HasField("g") else list(a.graphs))
     return sorted(found)
 
 

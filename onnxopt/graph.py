@@ -359,14 +359,8 @@ def _export_into(graph: gs.Graph, into: onnx.ModelProto) -> onnx.ModelProto:
     inputs = {t.name for t in graph.inputs}
     keep |= {id(p) for p in into.graph.initializer
              if p.name in getattr(graph, "_onnxopt_overridable", {}) and p.name in inputs and p.name not in main_names}
-    for t in consts:  # hidden from gs, so it copies no weight
-        t.to_variable(dtype=t.dtype, shape=t.shape)
-        t.type = "tensor_type"
-    try:
+    with _hidden_constants(consts):  # hidden from gs, so it copies no weight
         model = _gs_export(graph)
-    finally:
-        for t in consts:
-            t.to_constant(values[id(t)])
     g = into.graph
     for i in range(len(g.initializer) - 1, -1, -1):
         if id(g.initializer[i]) not in keep:

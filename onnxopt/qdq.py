@@ -36,9 +36,6 @@ RECURRENT_OPS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 INTEGER_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "QLinearConv", "QLinearMatMul", "QGemm",
                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QLinearConvTranspose")
 
-#: Ops whose bodies (If branches, Loop/Scan bodies) hold subgraphs.
-CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
-
 #: Weights of fewer values stay float rather than int8-stored (two extra nodes cost more than the
 #: bytes saved); a Cast of an (u)int8 constant at least this large to float is such storage.
 INT8_STORAGE_MIN_ELEMENTS = 1024

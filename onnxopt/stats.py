@@ -88,7 +88,6 @@ MAC_FORMULAS: dict[str, tuple[Callable[..., int | None], int, int]] = {
     "LSTM": (_recurrent, 0, 1), "GRU": (_recurrent, 0, 1), "RNN": (_recurrent, 0, 1),
     "DynamicQuantizeLSTM": (_recurrent, 0, 1),
 }
-MAC_OPS = tuple(MAC_FORMULAS)
 
 
 @dataclass

@@ -60,7 +60,6 @@ from onnx import numpy_helper
 
 from onnxopt import weights
 from onnxopt.calibration import activation_histograms, channel_means
-from onnxopt.errors import UserError
 from onnxopt.graph import export_model, import_model, model_hash
 from onnxopt.model_io import structure_only
 from onnxopt.kernels.bias_correction import mean_output_shift
@@ -143,12 +142,7 @@ class Quantize(Pass):
                                          "into float MatMuls (weights dequantized) and quantize them with calibration")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        opts = self.options
-        if opts.method not in METHODS:
-            raise UserError(f"pass 'quantize': method must be one of {', '.join(METHODS)}, got '{opts.method}'")
-        if opts.weight_storage not in STORAGE:
-            raise UserError(f"pass 'quantize': weight_storage must be one of {', '.join(STORAGE)}, "
-                            f"got '{opts.weight_storage}'")
+        opts = self.options  # method and weight_storage were checked when the options were parsed
         data = ctx.require_calibration(self.name)
         model = export_model(graph)
         notes: list[str] = []
