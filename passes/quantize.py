@@ -240,10 +240,11 @@ class _Constants(collections.abc.Mapping):
         return t if is_external(t) else self[name]
 
 
-def _same_optimized_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+def _same_optimized_graph(a: onnx.ModelProto, b: onnx.ModelProto, subgraphs: bool = False) -> bool:
     """Whether onnxruntime's optimized graphs of `a` and `b` have the same node types (so the
-    int8-stored weights of one were folded back into constants at load)."""
-    return collections.Counter(optimized_op_types(a)) == collections.Counter(optimized_op_types(b))
+    int8-stored weights of one were folded back into constants at load); `subgraphs`: bodies too."""
+    return collections.Counter(optimized_op_types(a, subgraphs=subgraphs)) == \
+        collections.Counter(optimized_op_types(b, subgraphs=subgraphs))
 
 
 def _static(shape: tuple | None) -> bool:
@@ -734,9 +735,8 @@ class _Work:
 
         k = _fewest_float(len(order) if self.opts.accuracy_aware else 0, sqnr_at, self.opts.storage_sqnr)
         chosen = set(order[k:])
-        folds = bool(chosen) and collections.Counter(
-            optimized_op_types(store_weights(self.model, [stores[t] for t in order[k:]]), subgraphs=True)
-        ) == collections.Counter(optimized_op_types(self.model, subgraphs=True))
+        folds = bool(chosen) and _same_optimized_graph(
+            store_weights(self.model, [stores[t] for t in order[k:]]), self.model, subgraphs=True)
         if chosen and not folds:
             self.notes.append("onnxruntime does not fold the int8-stored weights of recurrent or control-flow "
                               "layers at load here: float weights kept for them")
