@@ -7,6 +7,7 @@ ru_maxrss); the output is checked to load (external data), run and match the
 original. Prints a markdown table and writes bench/results/big_model.md.
 Usage: python bench/big_model.py [--dir DIR] [--layers 2,8] [--pipelines 'fold,fuse;fold,quantize'] [--keep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def make_big_model(directory: str | os.PathLike, k: int = K, m: int = M, seed: i
                 n = min(1024, rows - start)
                 chunk = rng.standard_normal((n, cols), dtype=np.float32) / np.float32(np.sqrt(rows))
                 f.write(chunk.tobytes())
-            t = TensorProto(name=f"W{i + 1}", dims=[rows, cols], data_type=TensorProto.FLOAT,
-                            data_location=TensorProto.EXTERNAL)
+            t = TensorProto(
+                name=f"W{i + 1}", dims=[rows, cols], data_type=TensorProto.FLOAT, data_location=TensorProto.EXTERNAL
+            )
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(rows * cols * 4))):
                 t.external_data.add(key=key, value=value)
             big.append(t)
@@ -62,17 +64,25 @@ def make_big_model(directory: str | os.PathLike, k: int = K, m: int = M, seed: i
         n = i + 1
         small.append(numpy_helper.from_array(rng.standard_normal(dims[n]).astype(np.float32), f"b{n}"))
         s = numpy_helper.from_array(rng.uniform(0.5, 1.5, dims[n]).astype(np.float32))
-        nodes += [helper.make_node("Constant", [], [f"s{n}"], value=s),
-                  helper.make_node("Gemm", [h, f"W{n}", f"b{n}"], [f"h{n}"], name=f"gemm{n}"),
-                  helper.make_node("Mul", [f"h{n}", f"s{n}"], [f"hs{n}"], name=f"scale{n}"),
-                  helper.make_node("Relu", [f"hs{n}"], [f"r{n}"], name=f"relu{n}")]
+        nodes += [
+            helper.make_node("Constant", [], [f"s{n}"], value=s),
+            helper.make_node("Gemm", [h, f"W{n}", f"b{n}"], [f"h{n}"], name=f"gemm{n}"),
+            helper.make_node("Mul", [f"h{n}", f"s{n}"], [f"hs{n}"], name=f"scale{n}"),
+            helper.make_node("Relu", [f"hs{n}"], [f"r{n}"], name=f"relu{n}"),
+        ]
         h = f"r{n}"
     small.append(numpy_helper.from_array(rng.standard_normal(dims[-1]).astype(np.float32), f"b{layers}"))
-    nodes += [helper.make_node("MatMul", [h, f"W{layers}"], ["mm"], name=f"matmul{layers}"),
-              helper.make_node("Add", ["mm", f"b{layers}"], ["y"], name=f"add{layers}")]
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dims[-1]])],
-                              [*big, *small])
+    nodes += [
+        helper.make_node("MatMul", [h, f"W{layers}"], ["mm"], name=f"matmul{layers}"),
+        helper.make_node("Add", ["mm", f"b{layers}"], ["y"], name=f"add{layers}"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dims[-1]])],
+        [*big, *small],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     path = d / "big.onnx"
     with open(path, "wb") as f:
@@ -107,8 +117,13 @@ def run_measured(argv: list[str]) -> tuple[int, float, int, str]:
     import psutil
 
     t0 = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "onnxopt.cli", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "ONNXOPT_PROGRESS": "0"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "onnxopt.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ONNXOPT_PROGRESS": "0"},
+    )
     proc = psutil.Process(child.pid)
     peak = 0
     while child.poll() is None:
@@ -139,8 +154,9 @@ def _child(src: str, pipeline: str, out_dir: str, calib: str) -> None:
 
     out = Path(out_dir) / f"out_{pipeline.replace(',', '_')}.onnx"
     report = Path(out_dir) / "report.json"
-    argv = ["optimize", src, "-o", str(out), "-p", pipeline, "--quiet", "--report", str(report)] + \
-        (["--calib", calib] if calib else [])
+    argv = ["optimize", src, "-o", str(out), "-p", pipeline, "--quiet", "--report", str(report)] + (
+        ["--calib", calib] if calib else []
+    )
     code, seconds, peak, err = run_measured(argv)
     row = {"pipeline": pipeline, "exit": code, "seconds": round(seconds, 1), "peak_rss": peak, "stderr": err.strip()}
     if code == 0:
@@ -149,18 +165,26 @@ def _child(src: str, pipeline: str, out_dir: str, calib: str) -> None:
         x = np.random.default_rng(1).standard_normal((2, width), dtype=np.float32)
         ref, got = outputs(src, x), outputs(out, x)
         stats = json.loads(report.read_text())["passes"][-1]["stats"]
-        what = {k: stats[k] for k in ("int8_layers", "int8_stored_layers", "affine_folded", "matmul_add_to_gemm")
-                if k in stats}
-        row.update(out_bytes=model_bytes(out), sqnr=_sqnr(ref, got), max_ref=float(np.abs(ref).max()),
-                   external=Path(str(out) + ".data").exists(), what=what,
-                   latency=_latency_ratio(src, out, x[:1]))
+        what = {
+            k: stats[k]
+            for k in ("int8_layers", "int8_stored_layers", "affine_folded", "matmul_add_to_gemm")
+            if k in stats
+        }
+        row.update(
+            out_bytes=model_bytes(out),
+            sqnr=_sqnr(ref, got),
+            max_ref=float(np.abs(ref).max()),
+            external=Path(str(out) + ".data").exists(),
+            what=what,
+            latency=_latency_ratio(src, out, x[:1]),
+        )
     print(json.dumps(row))
 
 
 def _latency_ratio(original: Path | str, optimized: Path | str, x: np.ndarray) -> float:
-    """Median time of `optimized` over `original` on `x` (`onnxopt.timing`: interleaved runs, CPU EP,
+    """Median time of `optimized` over `original` on `x` (`onnxopt.runtime.timing`: interleaved runs, CPU EP,
     2 threads; both sessions held: this is the bench process, not the one whose memory is measured)."""
-    from onnxopt.timing import median_latencies
+    from onnxopt.runtime.timing import median_latencies
 
     t_original, t_optimized = median_latencies([str(original), str(optimized)], {"x": x}, runs=20)
     return t_optimized / t_original
@@ -184,13 +208,18 @@ def main() -> int:
         _child(*args.child)
         return 0
     work = Path(args.dir or tempfile.mkdtemp(prefix="onnxopt-big-"))
-    lines = ["# Big models: 2.16 GB with external data through the CLI", "",
-             "Peak RSS of the `onnxopt optimize` child process (psutil polling and ru_maxrss, larger of the two); "
-             "outputs of the result compared with the original's on a [2, k] input with onnxruntime CPU (SQNR; "
-             "inf = identical); latency: median of 20 interleaved batch-1 runs, CPU EP, 2 threads, "
-             "optimized over original. Quantize: 4 calibration samples, default options.", "",
-             "| layers (weight each) | pipeline | exit | seconds | peak RSS | RSS / model size | output size | "
-             "what changed | output SQNR dB | latency vs original |", "|" + "---|" * 10]
+    lines = [
+        "# Big models: 2.16 GB with external data through the CLI",
+        "",
+        "Peak RSS of the `onnxopt optimize` child process (psutil polling and ru_maxrss, larger of the two); "
+        "outputs of the result compared with the original's on a [2, k] input with onnxruntime CPU (SQNR; "
+        "inf = identical); latency: median of 20 interleaved batch-1 runs, CPU EP, 2 threads, "
+        "optimized over original. Quantize: 4 calibration samples, default options.",
+        "",
+        "| layers (weight each) | pipeline | exit | seconds | peak RSS | RSS / model size | output size | "
+        "what changed | output SQNR dB | latency vs original |",
+        "|" + "---|" * 10,
+    ]
     try:
         for layers in (int(v) for v in args.layers.split(",")):
             k, m = SHAPES[layers]
@@ -207,12 +236,16 @@ def main() -> int:
                 r = measure_one(src, pipeline, src.parent, calib if "quantize" in pipeline else None)
                 if r.get("exit") == 0:
                     what = ", ".join(f"{k}={v}" for k, v in r["what"].items())
-                    lines.append(f"| {label} | {pipeline} | 0 | {r['seconds']} | {r['peak_rss'] / 1e9:.2f} GB | "
-                                 f"{r['peak_rss'] / size:.2f}x | {r['out_bytes'] / 1e9:.2f} GB | {what} | "
-                                 f"{r['sqnr']:.1f} | {r['latency']:.2f} |")
+                    lines.append(
+                        f"| {label} | {pipeline} | 0 | {r['seconds']} | {r['peak_rss'] / 1e9:.2f} GB | "
+                        f"{r['peak_rss'] / size:.2f}x | {r['out_bytes'] / 1e9:.2f} GB | {what} | "
+                        f"{r['sqnr']:.1f} | {r['latency']:.2f} |"
+                    )
                 else:
-                    lines.append(f"| {label} | {pipeline} | {r['exit']} | {r.get('seconds', '-')} | "
-                                 f"{r.get('peak_rss', 0) / 1e9:.2f} GB | - | - | {r['stderr'][:150]} | - | - |")
+                    lines.append(
+                        f"| {label} | {pipeline} | {r['exit']} | {r.get('seconds', '-')} | "
+                        f"{r.get('peak_rss', 0) / 1e9:.2f} GB | - | - | {r['stderr'][:150]} | - | - |"
+                    )
                 print(lines[-1], flush=True)
             shutil.rmtree(work / f"l{layers}", ignore_errors=True)
         text = "\n".join(lines) + "\n"

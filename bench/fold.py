@@ -15,6 +15,7 @@ generators, on purpose). A generated 50,000-node graph measures scaling.
 
     python bench/fold.py [--runs 3] [--models det,magika,...] [--modes dynamic,pinned] [--out bench/results/fold.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,28 +33,43 @@ sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
 from fixtures.fetch_models import model_path  # noqa: E402
-from onnxopt.data import seeded_inputs  # noqa: E402
-from onnxopt.pinning import pin_input_shapes  # noqa: E402
-from onnxopt.report import human_bytes, table  # noqa: E402
-from onnxopt.runtime import make_session  # noqa: E402
+from onnxopt.data.pinning import pin_input_shapes  # noqa: E402
+from onnxopt.data.samples import seeded_inputs  # noqa: E402
+from onnxopt.report.tables import human_bytes, table  # noqa: E402
+from onnxopt.runtime.sessions import make_session  # noqa: E402
 
-LIGHT = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
-         "vgg19", "zfnet512"]
+LIGHT = [
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+]
 ZOO = ["magika", "layout_cdla", "minilm", "romanizer_encoder", "romanizer_decoder", "tashkeel_bilstm_int8"]
 MODELS = LIGHT + ["det", "rec", "cls"] + ZOO
 #: the natural static shape of each model's inputs: check inputs in both modes, the pins in pinned mode
-SHAPES = {"det": {"x": (1, 3, 320, 320)}, "rec": {"x": (1, 3, 48, 320)}, "cls": {"x": (1, 3, 48, 192)},
-          "magika": {"bytes": (1, 2048)}, "layout_cdla": {"image": (1, 3, 800, 608)},
-          "minilm": {"input_ids": (1, 128), "attention_mask": (1, 128)},
-          "romanizer_encoder": {"src": (1, 16), "src_mask": (1, 16)},
-          "romanizer_decoder": {"prefix": (1, 8), "memory": (1, 16, 256), "src_mask": (1, 16), "hidden": (1, 2, 256)},
-          "tashkeel_bilstm_int8": {"input_ids": (1, 64)}}
+SHAPES = {
+    "det": {"x": (1, 3, 320, 320)},
+    "rec": {"x": (1, 3, 48, 320)},
+    "cls": {"x": (1, 3, 48, 192)},
+    "magika": {"bytes": (1, 2048)},
+    "layout_cdla": {"image": (1, 3, 800, 608)},
+    "minilm": {"input_ids": (1, 128), "attention_mask": (1, 128)},
+    "romanizer_encoder": {"src": (1, 16), "src_mask": (1, 16)},
+    "romanizer_decoder": {"prefix": (1, 8), "memory": (1, 16, 256), "src_mask": (1, 16), "hidden": (1, 2, 256)},
+    "tashkeel_bilstm_int8": {"input_ids": (1, 64)},
+}
 Shapes = dict[str, tuple[int, ...]] | None
 
 
 def tool_onnxopt(limit: float):
     def run(model: onnx.ModelProto, shapes: Shapes) -> onnx.ModelProto:
         return onnxopt.optimize(model, pipeline=f"fold{{size_limit_mb={limit}}},fuse", input_shapes=shapes).model
+
     return run
 
 
@@ -67,8 +83,9 @@ def tool_onnxslim(model: onnx.ModelProto, shapes: Shapes) -> onnx.ModelProto:
 def tool_onnxsim(model: onnx.ModelProto, shapes: Shapes) -> onnx.ModelProto:
     import onnxsim
 
-    out, ok = onnxsim.simplify(model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()} if shapes
-                               else None)
+    out, ok = onnxsim.simplify(
+        model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()} if shapes else None
+    )
     if not ok:
         raise RuntimeError("onnxsim check failed")
     return out
@@ -103,15 +120,19 @@ def outputs_equal(ref: onnx.ModelProto, cand: onnx.ModelProto, shapes) -> bool:
             for r, c in zip(rs.run(None, feeds), cs.run(None, feeds)):
                 if r.shape != c.shape or not np.allclose(c, r, rtol=1e-4, atol=1e-5, equal_nan=True):
                     return False
-    except Exception:  # e.g. the candidate no longer runs with the original's inputs
+    except Exception:  # noqa: BLE001  any failure (e.g. the candidate no longer runs with the original's inputs) means not equal
         return False
     return True
 
 
 def has_dynamic_inputs(model: onnx.ModelProto) -> bool:
     inits = {i.name for i in model.graph.initializer}
-    return any(not d.HasField("dim_value") or d.dim_value <= 0
-               for i in model.graph.input if i.name not in inits for d in i.type.tensor_type.shape.dim)
+    return any(
+        not d.HasField("dim_value") or d.dim_value <= 0
+        for i in model.graph.input
+        if i.name not in inits
+        for d in i.type.tensor_type.shape.dim
+    )
 
 
 def bench_model(name: str, runs: int, pinned: bool = False) -> list[dict]:
@@ -130,7 +151,7 @@ def bench_model(name: str, runs: int, pinned: bool = False) -> list[dict]:
             t0 = time.perf_counter()
             try:
                 out = fn(m, pins)
-            except Exception as exc:  # a tool failing on a model is a result, not a crash
+            except Exception as exc:  # noqa: BLE001  a tool failing on a model is a result, not a crash
                 err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
                 out = None
                 break
@@ -139,12 +160,32 @@ def bench_model(name: str, runs: int, pinned: bool = False) -> list[dict]:
             rows.append({"model": label, "tool": tool, "error": err})
             continue
         size = len(out.SerializeToString()) if out.ByteSize() < 2**31 else out.ByteSize()
-        rows.append({"model": label, "tool": tool, "nodes": len(out.graph.node), "bytes": size,
-                     "seconds": statistics.median(times), "equal": outputs_equal(original, out, shapes)})
-        print(f"  {label:30s} {tool:24s} nodes={rows[-1]['nodes']:5d} size={human_bytes(size):>9s} "
-              f"time={rows[-1]['seconds']:.2f}s equal={rows[-1]['equal']}", flush=True)
-    rows.insert(0, {"model": label, "tool": "original", "nodes": len(original.graph.node),
-                    "bytes": path.stat().st_size, "seconds": 0.0, "equal": True})
+        rows.append(
+            {
+                "model": label,
+                "tool": tool,
+                "nodes": len(out.graph.node),
+                "bytes": size,
+                "seconds": statistics.median(times),
+                "equal": outputs_equal(original, out, shapes),
+            }
+        )
+        print(
+            f"  {label:30s} {tool:24s} nodes={rows[-1]['nodes']:5d} size={human_bytes(size):>9s} "
+            f"time={rows[-1]['seconds']:.2f}s equal={rows[-1]['equal']}",
+            flush=True,
+        )
+    rows.insert(
+        0,
+        {
+            "model": label,
+            "tool": "original",
+            "nodes": len(original.graph.node),
+            "bytes": path.stat().st_size,
+            "seconds": 0.0,
+            "equal": True,
+        },
+    )
     return rows
 
 
@@ -160,22 +201,33 @@ def big_graph_timing(n_nodes: int = 50_000) -> dict:
         s, b = (numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), f"{p}{k}") for p in "sb")
         m, v = (numpy_helper.from_array(np.full(4, val, np.float32), f"{p}{k}") for p, val in (("m", 0.1), ("v", 1.0)))
         inits += [w, s, b, m, v]
-        nodes += [helper.make_node("Conv", [cur, f"w{k}"], [f"c{k}"]),
-                  helper.make_node("BatchNormalization", [f"c{k}", f"s{k}", f"b{k}", f"m{k}", f"v{k}"], [f"n{k}"]),
-                  helper.make_node("Shape", [f"n{k}"], [f"sh{k}"]),
-                  helper.make_node("Reshape", [f"n{k}", f"sh{k}"], [f"r{k}"]),
-                  helper.make_node("Identity", [f"r{k}"], [f"i{k}"]),
-                  helper.make_node("Relu", [f"i{k}"], [f"a{k}"])]
+        nodes += [
+            helper.make_node("Conv", [cur, f"w{k}"], [f"c{k}"]),
+            helper.make_node("BatchNormalization", [f"c{k}", f"s{k}", f"b{k}", f"m{k}", f"v{k}"], [f"n{k}"]),
+            helper.make_node("Shape", [f"n{k}"], [f"sh{k}"]),
+            helper.make_node("Reshape", [f"n{k}", f"sh{k}"], [f"r{k}"]),
+            helper.make_node("Identity", [f"r{k}"], [f"i{k}"]),
+            helper.make_node("Relu", [f"i{k}"], [f"a{k}"]),
+        ]
         cur = f"a{k}"
         k += 1
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     t0 = time.perf_counter()
     out = onnxopt.optimize(model, pipeline="fold,fuse").model
     seconds = time.perf_counter() - t0
-    return {"nodes_before": len(nodes), "nodes_after": len(out.graph.node), "seconds": seconds,
-            "equal": outputs_equal(model, out, {"x": (2, 4, 8, 8)})}
+    return {
+        "nodes_before": len(nodes),
+        "nodes_after": len(out.graph.node),
+        "seconds": seconds,
+        "equal": outputs_equal(model, out, {"x": (2, 4, 8, 8)}),
+    }
 
 
 def render(rows: list[dict], big: dict | None, runs: int) -> str:
@@ -188,15 +240,20 @@ def render(rows: list[dict], big: dict | None, runs: int) -> str:
     totals = {t: 0 for t in tools}
     light_totals = {t: 0 for t in tools}
     for model, res in by_model.items():
-        def cell(t, key, fmt):
+
+        def cell(t, key, fmt, res=res):
             r = res.get(t)
             if r is None or "error" in r:
                 return "error" if r else "-"
             mark = "" if r["equal"] else " (differs!)"
             return fmt(r[key]) + mark
+
         ours, slim = res.get("onnxopt (no limit)", {}), res.get("onnxslim", {})
-        parity = "yes" if "nodes" in ours and "nodes" in slim and ours["nodes"] <= slim["nodes"] else \
-            ("-" if "nodes" not in slim else "NO")
+        parity = (
+            "yes"
+            if "nodes" in ours and "nodes" in slim and ours["nodes"] <= slim["nodes"]
+            else ("-" if "nodes" not in slim else "NO")
+        )
         node_rows.append([model] + [cell(t, "nodes", str) for t in tools] + [parity])
         size_rows.append([model] + [cell(t, "bytes", human_bytes) for t in tools])
         time_rows.append([model] + [cell(t, "seconds", lambda s: f"{s:.2f}s") for t in tools[1:]])
@@ -206,15 +263,33 @@ def render(rows: list[dict], big: dict | None, runs: int) -> str:
                 if model in LIGHT:
                     light_totals[t] += res[t]["nodes"]
     node_rows.append(["**light total**"] + [str(light_totals[t]) for t in tools] + [""])
-    parts = [f"Median of {runs} runs per tool and model, in one process, on this machine (2 cores). "
-             "'(differs!)' marks outputs that do not match the original within rtol 1e-4, atol 1e-5 "
-             "(NaN where the original has NaN counts as equal).\n",
-             "### Nodes after\n", table(head, node_rows), "\n### Model size on disk\n",
-             table(["model"] + tools, size_rows), "\n### Wall time\n", table(["model"] + tools[1:], time_rows)]
+    parts = [
+        f"Median of {runs} runs per tool and model, in one process, on this machine (2 cores). "
+        "'(differs!)' marks outputs that do not match the original within rtol 1e-4, atol 1e-5 "
+        "(NaN where the original has NaN counts as equal).\n",
+        "### Nodes after\n",
+        table(head, node_rows),
+        "\n### Model size on disk\n",
+        table(["model"] + tools, size_rows),
+        "\n### Wall time\n",
+        table(["model"] + tools[1:], time_rows),
+    ]
     if big:
-        parts += ["\n### Scaling\n", table(["graph", "nodes before", "nodes after", "fold,fuse time", "outputs equal"],
-                                            [["generated Conv/BN/shape chain", big["nodes_before"], big["nodes_after"],
-                                              f"{big['seconds']:.1f}s", big["equal"]]])]
+        parts += [
+            "\n### Scaling\n",
+            table(
+                ["graph", "nodes before", "nodes after", "fold,fuse time", "outputs equal"],
+                [
+                    [
+                        "generated Conv/BN/shape chain",
+                        big["nodes_before"],
+                        big["nodes_after"],
+                        f"{big['seconds']:.1f}s",
+                        big["equal"],
+                    ]
+                ],
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -222,9 +297,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--modes", default="dynamic,pinned",
-                    help="dynamic: inputs as the model declares them; pinned: static SHAPES (models with dynamic "
-                         "inputs only)")
+    ap.add_argument(
+        "--modes",
+        default="dynamic,pinned",
+        help="dynamic: inputs as the model declares them; pinned: static SHAPES (models with dynamic inputs only)",
+    )
     ap.add_argument("--no-big", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fold.md")
     args = ap.parse_args()

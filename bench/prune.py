@@ -12,6 +12,7 @@ interleaved runs, medians, pruned/float ratio. Writes bench/results/prune.md.
 
     python bench/prune.py [--only cls,rec,det] [--cls-eval 300] [--rec-eval 60] [--det-eval 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,16 @@ sys.path.insert(0, str(ROOT))
 import onnxopt  # noqa: E402
 from fixtures import ocr_data  # noqa: E402
 from fixtures.fetch_models import model_path  # noqa: E402
-from onnxopt.runtime import make_session  # noqa: E402
-from onnxopt.stats import model_stats  # noqa: E402
-from onnxopt.timing import median_latencies  # noqa: E402
+from onnxopt.analysis.stats import model_stats  # noqa: E402
+from onnxopt.runtime.sessions import make_session  # noqa: E402
+from onnxopt.runtime.timing import median_latencies  # noqa: E402
 
 LEVELS = (0.1, 0.2, 0.3)
-VARIANTS = (("refit", "compensate=refit"), ("no compensation", "compensate=none"),
-            ("L1, no compensation", "criterion=l1,compensate=none"))
+VARIANTS = (
+    ("refit", "compensate=refit"),
+    ("no compensation", "compensate=none"),
+    ("L1, no compensation", "criterion=l1,compensate=none"),
+)
 
 
 def _runner(model: onnx.ModelProto):
@@ -53,6 +57,7 @@ def _onnxsim_matched(base: onnx.ModelProto, target_params: int):
     """onnxsim's apply_structured_pruning at the sparsity whose parameter count is closest to `target_params`."""
     try:
         import onnxsim
+
         fn = onnxsim.apply_structured_pruning
     except (ImportError, AttributeError) as exc:
         return None, f"not available ({exc})"
@@ -72,9 +77,12 @@ def _onnxsim_matched(base: onnx.ModelProto, target_params: int):
 
 def bench_model(name: str, base: onnx.ModelProto, calib, metric, feeds, lines: list[str], runs: int = 50) -> None:
     st0 = model_stats(base)
-    lines += [f"\n### {name}\n", f"float: {metric(base)}; {st0.macs / 1e6:.1f} MMACs, {st0.parameters} parameters\n",
-              "| variant | MACs removed (params removed) | metric | pass stats | latency pruned/float |",
-              "|---|---|---|---|---|"]
+    lines += [
+        f"\n### {name}\n",
+        f"float: {metric(base)}; {st0.macs / 1e6:.1f} MMACs, {st0.parameters} parameters\n",
+        "| variant | MACs removed (params removed) | metric | pass stats | latency pruned/float |",
+        "|---|---|---|---|---|",
+    ]
     for level in LEVELS:
         for label, extra in VARIANTS:
             t0 = time.perf_counter()
@@ -86,9 +94,11 @@ def bench_model(name: str, base: onnx.ModelProto, calib, metric, feeds, lines: l
             if label == "refit":
                 float_s, pruned_s = median_latencies([base, model], feeds, runs=runs)
                 lat = f"{pruned_s / float_s:.2f} ({pruned_s * 1e3:.2f} / {float_s * 1e3:.2f} ms)"
-            lines.append(f"| {label} @ {level:.0%} | {stats['mac_reduction']:.1%} ({1 - st.parameters / st0.parameters:.1%}) "
-                         f"| {metric(model)} | {stats['removed_channels']} channels, "
-                         f"{stats.get('refits', 0)} refits, {secs:.0f} s | {lat} |")
+            lines.append(
+                f"| {label} @ {level:.0%} | {stats['mac_reduction']:.1%} ({1 - st.parameters / st0.parameters:.1%}) "
+                f"| {metric(model)} | {stats['removed_channels']} channels, "
+                f"{stats.get('refits', 0)} refits, {secs:.0f} s | {lat} |"
+            )
             print(lines[-1], flush=True)
             if label == "refit":
                 best, why = _onnxsim_matched(base, st.parameters)
@@ -97,8 +107,10 @@ def bench_model(name: str, base: onnx.ModelProto, calib, metric, feeds, lines: l
                 else:
                     sim, params, sparsity = best
                     sim_macs = model_stats(sim).macs
-                    lines.append(f"| onnxsim apply_structured_pruning @ same params | {1 - sim_macs / st0.macs:.1%} "
-                                 f"({1 - params / st0.parameters:.1%}) | {metric(sim)} | sparsity={sparsity:.3f} | - |")
+                    lines.append(
+                        f"| onnxsim apply_structured_pruning @ same params | {1 - sim_macs / st0.macs:.1%} "
+                        f"({1 - params / st0.parameters:.1%}) | {metric(sim)} | sparsity={sparsity:.3f} | - |"
+                    )
                 print(lines[-1], flush=True)
 
 
@@ -112,10 +124,13 @@ def main() -> None:
     ap.add_argument("--det-calib", type=int, default=12)
     ap.add_argument("--only", default="cls,rec,det")
     args = ap.parse_args()
-    lines = ["# bench/prune: structured pruning of PP-OCR without fine-tuning\n",
-             f"Calibration seed {ocr_data.CALIB_SEED}, evaluation seed {ocr_data.EVAL_SEED}. "
-             "Pipeline `fold,fuse` then `prune{macs=M,...}` (defaults: max_ratio=0.3, round_to=8, criterion=recon with calibration data). "
-             "Latency: CPU EP, 2 threads, 50 interleaved runs (200 for cls), medians."]
+    lines = [
+        "# bench/prune: structured pruning of PP-OCR without fine-tuning\n",
+        f"Calibration seed {ocr_data.CALIB_SEED}, evaluation seed {ocr_data.EVAL_SEED}. "
+        "Pipeline `fold,fuse` then `prune{macs=M,...}` "
+        "(defaults: max_ratio=0.3, round_to=8, criterion=recon with calibration data). "
+        "Latency: CPU EP, 2 threads, 50 interleaved runs (200 for cls), medians.",
+    ]
     only = args.only.split(",")
 
     if "cls" in only:
@@ -125,8 +140,16 @@ def main() -> None:
 
         def cls_metric(m):
             return f"acc {ocr_data.cls_accuracy(_runner(m), evals):.1%}"
-        bench_model(f"PP-OCR cls ({args.cls_eval} images, {args.cls_calib} calibration)", base, calib,
-                    cls_metric, {"x": evals[0][0]}, lines, runs=200)
+
+        bench_model(
+            f"PP-OCR cls ({args.cls_eval} images, {args.cls_calib} calibration)",
+            base,
+            calib,
+            cls_metric,
+            {"x": evals[0][0]},
+            lines,
+            runs=200,
+        )
 
     if "rec" in only:
         base = onnxopt.optimize(str(model_path("rec")), pipeline="fold,fuse").model
@@ -136,8 +159,15 @@ def main() -> None:
 
         def rec_metric(m):
             return f"text acc {ocr_data.rec_accuracy(_runner(m), evals, chars):.1%}"
-        bench_model(f"PP-OCRv4 rec ({args.rec_eval} lines, {args.rec_calib} calibration)", base, calib,
-                    rec_metric, {"x": evals[0][0]}, lines)
+
+        bench_model(
+            f"PP-OCRv4 rec ({args.rec_eval} lines, {args.rec_calib} calibration)",
+            base,
+            calib,
+            rec_metric,
+            {"x": evals[0][0]},
+            lines,
+        )
 
     if "det" in only:
         base = onnxopt.optimize(str(model_path("det")), pipeline="fold,fuse").model
@@ -149,10 +179,18 @@ def main() -> None:
         def det_metric(m):
             run = _runner(m)
             ms = [ocr_data.det_metrics(r, run(x)) for r, x in zip(refs, evals)]
-            return (f"SQNR {np.median([d['sqnr_db'] for d in ms]):.1f} dB, "
-                    f"IoU {np.mean([d['mask_iou'] for d in ms]):.3f}")
-        bench_model(f"PP-OCRv4 det ({args.det_eval} pages 320x320, {args.det_calib} calibration)", base, calib,
-                    det_metric, {"x": evals[0]}, lines)
+            return (
+                f"SQNR {np.median([d['sqnr_db'] for d in ms]):.1f} dB, IoU {np.mean([d['mask_iou'] for d in ms]):.3f}"
+            )
+
+        bench_model(
+            f"PP-OCRv4 det ({args.det_eval} pages 320x320, {args.det_calib} calibration)",
+            base,
+            calib,
+            det_metric,
+            {"x": evals[0]},
+            lines,
+        )
 
     out = ROOT / "bench" / "results" / "prune.md"
     out.parent.mkdir(parents=True, exist_ok=True)

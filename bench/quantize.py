@@ -13,6 +13,7 @@ bench/results/quantize.md.
 
     python bench/quantize.py [--models rec,cls,det] [--ort minmax,percentile,entropy] [--calib128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from fixtures import ocr_data  # noqa: E402
 from fixtures.fetch_models import model_path  # noqa: E402
 
-CHILD = r'''
+CHILD = r"""
 import sys, time, json, resource
 kind, src, dst, calib = sys.argv[1:5]
 t = time.perf_counter()
@@ -68,7 +69,7 @@ else:
     stats = {}
 print(json.dumps({"seconds": time.perf_counter() - t,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "stats": stats}))
-'''
+"""
 
 
 def run_quantizer(kind: str, src: Path, dst: Path, calib: Path, timeout: int, mem_cap_gb: float) -> dict:
@@ -83,18 +84,30 @@ def run_quantizer(kind: str, src: Path, dst: Path, calib: Path, timeout: int, me
     def limit() -> None:
         if not kind.startswith("onnxopt"):
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(src), str(dst), str(calib)], env=env,
-                              capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, kind, str(src), str(dst), str(calib)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=limit,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout}s"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["failed"])[-1][:100]
-        if "MemoryError" in proc.stderr or "bad_alloc" in proc.stderr or "Failed to allocate" in proc.stderr \
-                or proc.returncode in (-9, -6):
-            return {"error": f"out of memory at the {mem_cap_gb:g} GB cap after {time.perf_counter() - t0:.0f}s"
-                             f" ({tail})"}
+        if (
+            "MemoryError" in proc.stderr
+            or "bad_alloc" in proc.stderr
+            or "Failed to allocate" in proc.stderr
+            or proc.returncode in (-9, -6)
+        ):
+            return {
+                "error": f"out of memory at the {mem_cap_gb:g} GB cap after {time.perf_counter() - t0:.0f}s ({tail})"
+            }
         return {"error": f"crashed ({tail})"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -102,7 +115,8 @@ def run_quantizer(kind: str, src: Path, dst: Path, calib: Path, timeout: int, me
 def latency_ratio(float_path: Path, q_path: Path, x: np.ndarray, seconds: float = 4.0) -> float:
     """Median int8 / median float time, runs interleaved; as many runs as fit in about `seconds`
     (30-1000: a 1 ms model needs hundreds to rise above this VM's scheduling jitter)."""
-    from onnxopt.timing import median_latencies
+    from onnxopt.runtime.timing import median_latencies
+
     t_f, t_q = median_latencies([str(float_path), str(q_path)], {"x": x}, runs=10, threads=2)
     runs = int(min(1000, max(30, seconds / (t_f + t_q))))
     t_f, t_q = median_latencies([str(float_path), str(q_path)], {"x": x}, runs=runs, threads=2)
@@ -128,8 +142,10 @@ def main() -> int:
     ap.add_argument("--mem-cap-gb", type=float, default=8.0, help="address-space cap for onnxruntime's quantizers")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per quantizer run")
     args = ap.parse_args()
-    rows = ["| model | quantizer | accuracy | calib+quantize s | peak RSS MB | int8/float latency | size % |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | quantizer | accuracy | calib+quantize s | peak RSS MB | int8/float latency | size % |",
+        "|---|---|---|---|---|---|---|",
+    ]
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
     os.environ["ONNXOPT_CACHE"] = str(work / "cache")  # cold statistics cache: calibration is timed
     for task in args.models.split(","):
@@ -155,8 +171,10 @@ def main() -> int:
             else:
                 ratio = latency_ratio(src, dst, x)
                 size = 100 * dst.stat().st_size / src.stat().st_size
-                rows.append(f"| {task} | {name} | {accuracy(task, dst, eval_data)} | {res['seconds']:.1f} | "
-                            f"{res['peak_rss_mb']:.0f} | {ratio:.2f} | {size:.0f} |")
+                rows.append(
+                    f"| {task} | {name} | {accuracy(task, dst, eval_data)} | {res['seconds']:.1f} | "
+                    f"{res['peak_rss_mb']:.0f} | {ratio:.2f} | {size:.0f} |"
+                )
             print(rows[-1], flush=True)
     text = "\n".join(rows)
     if args.calib128:
@@ -164,21 +182,31 @@ def main() -> int:
         samples = ocr_data.rec_samples(128, 0, min_width=160)
         ocr_data.write_calibration_dir(samples, calib)
         widths = sorted({int(x.shape[-1]) for x, _ in samples})
-        out = ["", f"Calibration + quantization of 128 rec samples ({len(widths)} widths, {widths[0]}-{widths[-1]} px;"
-               " onnxopt with latency/accuracy search off, as quantize_static has none; cold cache):", "",
-               "| quantizer | wall s | peak RSS MB |", "|---|---|---|"]
+        out = [
+            "",
+            f"Calibration + quantization of 128 rec samples ({len(widths)} widths, {widths[0]}-{widths[-1]} px;"
+            " onnxopt with latency/accuracy search off, as quantize_static has none; cold cache):",
+            "",
+            "| quantizer | wall s | peak RSS MB |",
+            "|---|---|---|",
+        ]
         for kind in ("onnxopt-calib", "minmax"):
             os.environ["ONNXOPT_CACHE"] = str(work / "cache128")
-            res = run_quantizer(kind, model_path("rec"), work / f"rec128_{kind}.onnx", calib, args.timeout,
-                                args.mem_cap_gb)
-            out.append(f"| {kind} | {res.get('seconds', float('nan')):.1f} | {res.get('peak_rss_mb', float('nan')):.0f} |"
-                       if "error" not in res else f"| {kind} | failed: {res['error']} | |")
+            res = run_quantizer(
+                kind, model_path("rec"), work / f"rec128_{kind}.onnx", calib, args.timeout, args.mem_cap_gb
+            )
+            out.append(
+                f"| {kind} | {res.get('seconds', float('nan')):.1f} | {res.get('peak_rss_mb', float('nan')):.0f} |"
+                if "error" not in res
+                else f"| {kind} | failed: {res['error']} | |"
+            )
             print(out[-1], flush=True)
         text += "\n" + "\n".join(out)
     print(text)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "quantize.md").write_text(
-        "# quantize: onnxopt vs onnxruntime quantize_static (this machine, CPU EP, 2 threads)\n\n" + text + "\n")
+        "# quantize: onnxopt vs onnxruntime quantize_static (this machine, CPU EP, 2 threads)\n\n" + text + "\n"
+    )
     return 0
 
 

@@ -20,11 +20,13 @@ Reported: wall time of the work (Ray's start-up separately), peak RSS of the
 driver, of the largest worker and of Ray's own daemons (VmHWM from /proc,
 sampled every 0.1 s over the driver's descendants), and whether the results
 equal the 1-process run (histograms bit for bit; the pass's per-layer rows,
-decisions and model bytes; model bytes of the fleet; validation's per-output metrics and verdict). Latency is never measured on workers. Writes bench/results/scale.md.
+decisions and model bytes; model bytes of the fleet; validation's per-output metrics and verdict).
+Latency is never measured on workers. Writes bench/results/scale.md.
 
     python bench/scale.py [--samples 1024] [--size 320] [--runs 1] [--val-samples 64]
                           [--only calibration,sensitivity,fleet,validation]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +48,17 @@ from fixtures.fetch_models import model_path  # noqa: E402
 
 WORKLOADS = ("calibration", "sensitivity", "fleet", "validation")
 CONFIGS = (("1 process", "local", 1), ("2 Ray workers", "ray", 2))
-LIGHT = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
-         "vgg19", "zfnet512")
+LIGHT = (
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+)
 
 
 class PeakMemory:
@@ -79,7 +90,7 @@ class PeakMemory:
             self._sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -92,12 +103,22 @@ class PeakMemory:
         """MB: the driver, the largest worker, the number of workers, Ray's daemons together."""
         mb = 1 / 2**20
         driver = self.peaks.get(self.me.pid, ("", 0))[1]
-        workers = [v for pid, (name, v) in self.peaks.items() if pid != self.me.pid and
-                   ("multiprocessing" in name or name.startswith("ray::"))]
-        system = [v for pid, (name, v) in self.peaks.items() if pid != self.me.pid and
-                  not ("multiprocessing" in name or name.startswith("ray::"))]
-        return {"driver_mb": driver * mb, "worker_mb": max(workers, default=0) * mb, "workers": len(workers),
-                "system_mb": sum(system) * mb}
+        workers = [
+            v
+            for pid, (name, v) in self.peaks.items()
+            if pid != self.me.pid and ("multiprocessing" in name or name.startswith("ray::"))
+        ]
+        system = [
+            v
+            for pid, (name, v) in self.peaks.items()
+            if pid != self.me.pid and not ("multiprocessing" in name or name.startswith("ray::"))
+        ]
+        return {
+            "driver_mb": driver * mb,
+            "worker_mb": max(workers, default=0) * mb,
+            "workers": len(workers),
+            "system_mb": sum(system) * mb,
+        }
 
 
 def det_calibration_dir(n: int, size: int) -> Path:
@@ -118,7 +139,7 @@ def _mac_tensors(model, ops=("Conv",)) -> list[str]:
 def child(workload: str, kind: str, workers: int, arg: str, result_path: str) -> None:
     """Run one workload on one executor in this (fresh) process; write timings, memory and results."""
     os.environ.setdefault("ONNXOPT_PROGRESS", "0")
-    from onnxopt.executor import make_executor
+    from onnxopt.runtime.executor import make_executor
 
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -128,8 +149,8 @@ def child(workload: str, kind: str, workers: int, arg: str, result_path: str) ->
         startup = time.perf_counter() - t0
         t0 = time.perf_counter()
         if workload == "calibration":
-            from onnxopt.model_io import load_model
-            from onnxopt.sharded_calibration import sharded_observe
+            from onnxopt.data.sharded_calibration import sharded_observe
+            from onnxopt.ir.model_io import load_model
 
             model = load_model(model_path("det"))
             obs = sharded_observe(model, arg, _mac_tensors(model), executor)
@@ -141,26 +162,36 @@ def child(workload: str, kind: str, workers: int, arg: str, result_path: str) ->
             t_render = time.perf_counter()
             calib = [{"x": x} for x, _ in rec_samples(32, 0)]
             t0 += time.perf_counter() - t_render  # rendering the data is not the pass's work
-            res = onnxopt.optimize(model_path("rec"), pipeline="quantize{latency_aware=false,check_latency=false,"
-                                   "cache=false,sensitivity_samples=4,target_sqnr=35}", calibration=calib,
-                                   settings={"executor": executor})
+            res = onnxopt.optimize(
+                model_path("rec"),
+                pipeline="quantize{latency_aware=false,check_latency=false,"
+                "cache=false,sensitivity_samples=4,target_sqnr=35}",
+                calibration=calib,
+                settings={"executor": executor},
+            )
             rows = next(p for p in res.report["passes"] if p.get("name", p.get("pass")) == "quantize")["details"]
-            result = {"sqnr": {r["node"]: r["sensitivity_sqnr_db"] for r in rows if "sensitivity_sqnr_db" in r},
-                      "keep_float_35db": sorted(r["node"] for r in rows if not r["int8"]),
-                      "model_sha256": hashlib.sha256(res.model.SerializeToString()).hexdigest()}
+            result = {
+                "sqnr": {r["node"]: r["sensitivity_sqnr_db"] for r in rows if "sensitivity_sqnr_db" in r},
+                "keep_float_35db": sorted(r["node"] for r in rows if not r["int8"]),
+                "model_sha256": hashlib.sha256(res.model.SerializeToString()).hexdigest(),
+            }
         elif workload == "validation":
             result, prep = _validation(executor, int(arg))
             t0 += prep  # optimizing rec and rendering the lines is not validation's work
         else:
-            from onnxopt.fleet import load_manifest, optimize_many
+            from onnxopt.cli.manifest import load_manifest
+            from onnxopt.cli.optimize_many import optimize_many
 
             results = optimize_many(load_manifest(arg), executor)
-            result = {r.name: (r.status, hashlib.sha256(Path(r.output).read_bytes()).hexdigest()
-                               if r.output else r.message) for r in results}
+            result = {
+                r.name: (r.status, hashlib.sha256(Path(r.output).read_bytes()).hexdigest() if r.output else r.message)
+                for r in results
+            }
         work = time.perf_counter() - t0
         executor.close()
-    Path(result_path).write_bytes(pickle.dumps({"startup_s": startup, "work_s": work, **mem.summary(),
-                                                "result": result}))
+    Path(result_path).write_bytes(
+        pickle.dumps({"startup_s": startup, "work_s": work, **mem.summary(), "result": result})
+    )
 
 
 def _validation(executor, n: int) -> tuple[dict, float]:
@@ -170,8 +201,8 @@ def _validation(executor, n: int) -> tuple[dict, float]:
 
     import onnxopt
     from fixtures.ocr_data import rec_samples
-    from onnxopt.ep.envs import resolve_interpreter
-    from onnxopt.validate import validate
+    from onnxopt.verify.ep.envs import resolve_interpreter
+    from onnxopt.verify.validate import validate
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-validate-") as tmp:
         t0 = time.perf_counter()
@@ -180,16 +211,20 @@ def _validation(executor, n: int) -> tuple[dict, float]:
         eps = ["cpu"] + (["openvino"] if resolve_interpreter("openvino").available else [])
         prep = time.perf_counter() - t0
         rep = validate(model_path("rec"), cand, eps, data=data, samples=n, runs=5, warmup=2, executor=executor)
-    return {"passed": rep.passed, "pass": [dataclasses.asdict(c) for c in rep.pass_checks],
-            "eps": [(e.ep, e.status, [dataclasses.asdict(c) for c in e.checks]) for e in rep.eps]}, prep
+    return {
+        "passed": rep.passed,
+        "pass": [dataclasses.asdict(c) for c in rep.pass_checks],
+        "eps": [(e.ep, e.status, [dataclasses.asdict(c) for c in e.checks]) for e in rep.eps],
+    }, prep
 
 
 def run_child(workload: str, kind: str, workers: int, arg: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
         out = f.name
     try:
-        subprocess.run([sys.executable, __file__, "--child", workload, kind, str(workers), arg, out], check=True,
-                       cwd=ROOT)
+        subprocess.run(
+            [sys.executable, __file__, "--child", workload, kind, str(workers), arg, out], check=True, cwd=ROOT
+        )
         return pickle.loads(Path(out).read_bytes())
     finally:
         os.unlink(out)
@@ -199,8 +234,10 @@ def write_manifest(path: Path, out_dir: Path) -> Path:
     """The fleet: PP-OCR det/rec/cls and the light models, fold,fuse, outputs into `out_dir`."""
     names = [model_path(n) for n in ("det", "rec", "cls")] + [model_path(n) for n in LIGHT]
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text('[defaults]\npipeline = "fold,fuse"\n\n' + "\n".join(
-        f'[[model]]\ninput = "{p}"\noutput = "{out_dir / Path(p).name}"\n' for p in names))
+    path.write_text(
+        '[defaults]\npipeline = "fold,fuse"\n\n'
+        + "\n".join(f'[[model]]\ninput = "{p}"\noutput = "{out_dir / Path(p).name}"\n' for p in names)
+    )
     return path
 
 
@@ -245,27 +282,55 @@ def main() -> int:
                 t = statistics.median(r["work_s"] for r in rs)
                 same = all(r["result"] == base[0]["result"] for r in rs)
                 checks.append(same)
-                med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-                rows.append([workload, name, f"{t:.1f}", f"{t_base / t:.2f}x", f"{med('startup_s'):.1f}",
-                             f"{med('driver_mb'):.0f}", f"{med('worker_mb'):.0f}" if med("workers") else "-",
-                             f"{med('system_mb'):.0f}" if med("system_mb") else "-", "yes" if same else "NO"])
+
+                def med(k: str, rs: list = rs) -> float:
+                    return statistics.median(r[k] for r in rs)
+
+                rows.append(
+                    [
+                        workload,
+                        name,
+                        f"{t:.1f}",
+                        f"{t_base / t:.2f}x",
+                        f"{med('startup_s'):.1f}",
+                        f"{med('driver_mb'):.0f}",
+                        f"{med('worker_mb'):.0f}" if med("workers") else "-",
+                        f"{med('system_mb'):.0f}" if med("system_mb") else "-",
+                        "yes" if same else "NO",
+                    ]
+                )
             detail = base[0]["result"]
             if workload == "sensitivity":
                 worst = sorted(detail["sqnr"].items(), key=lambda kv: kv[1])[:3]
-                print(f"rec sensitivity: {len(detail['sqnr'])} layers, below 35 dB: {len(detail['keep_float_35db'])},"
-                      f" worst {[(k, round(v, 1)) for k, v in worst]}", file=sys.stderr)
-    from onnxopt.report import table
+                print(
+                    f"rec sensitivity: {len(detail['sqnr'])} layers, below 35 dB: {len(detail['keep_float_35db'])},"
+                    f" worst {[(k, round(v, 1)) for k, v in worst]}",
+                    file=sys.stderr,
+                )
+    from onnxopt.report.tables import table
 
-    header = ["workload", "executor", "work s", "speed-up", "start-up s", "driver peak MB", "worker peak MB",
-              "Ray daemons MB", "result equal"]
-    text = (f"# bench/scale: 1 process vs 2 Ray workers\n\n"
-            f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Ray {ray.__version__}; "
-            f"runs: {args.runs} (median, interleaved); calibration: {args.samples} PP-OCR det pages "
-            f"{args.size}x{args.size}, every Conv input/output, histograms; sensitivity: the quantize pass on "
-            f"PP-OCRv4 rec (32-sample calibration, one trial per layer on 4 samples, serial search); fleet: fold,fuse on det/rec/cls + 9 light models; validation: rec vs its fold,fuse result on "
-            f"{args.val_samples} rendered lines, cpu(+openvino), accuracy on the workers, latency on the driver.\n"
-            f"Every task runs onnxruntime with 2 threads (its results depend on the thread count), on 1 process or 2 Ray workers.\n\n"
-            + table(header, rows) + "\n")
+    header = [
+        "workload",
+        "executor",
+        "work s",
+        "speed-up",
+        "start-up s",
+        "driver peak MB",
+        "worker peak MB",
+        "Ray daemons MB",
+        "result equal",
+    ]
+    text = (
+        f"# bench/scale: 1 process vs 2 Ray workers\n\n"
+        f"Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Ray {ray.__version__}; "
+        f"runs: {args.runs} (median, interleaved); calibration: {args.samples} PP-OCR det pages "
+        f"{args.size}x{args.size}, every Conv input/output, histograms; sensitivity: the quantize pass on "
+        f"PP-OCRv4 rec (32-sample calibration, one trial per layer on 4 samples, serial search); "
+        f"fleet: fold,fuse on det/rec/cls + 9 light models; validation: rec vs its fold,fuse result on "
+        f"{args.val_samples} rendered lines, cpu(+openvino), accuracy on the workers, latency on the driver.\n"
+        f"Every task runs onnxruntime with 2 threads (its results depend on the thread count), "
+        f"on 1 process or 2 Ray workers.\n\n" + table(header, rows) + "\n"
+    )
     print(text)
     out = ROOT / "bench" / "results" / "scale.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,14 @@
 """bench/validate: onnxopt's results on PP-OCR det/rec/cls validated on the CPU, OpenVINO and CUDA EPs.
 
 For each model and pipeline: optimize (calibration on rendered text, seed 0),
-then `onnxopt.validate.validate` on rendered evaluation inputs (seed 1) on
+then `onnxopt.verify.validate.validate` on rendered evaluation inputs (seed 1) on
 every EP: worst SQNR/cosine of the end-to-end check, node placement read back
 from onnxruntime, and the CAND/REF latency ratio. EPs that cannot run here (no
 GPU for CUDA) are listed as skipped with the reason.
 
     python bench/validate.py [--eps cpu,openvino,cuda] [--models det,rec,cls] [--samples 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 import onnxopt  # noqa: E402
 from fixtures import ocr_data  # noqa: E402
 from fixtures.fetch_models import model_path  # noqa: E402
-from onnxopt.check import loosest  # noqa: E402
-from onnxopt.pipeline import build_pipeline  # noqa: E402
-from onnxopt.report import table  # noqa: E402
-from onnxopt.validate import ThresholdSet, validate  # noqa: E402
+from onnxopt.framework.pipeline import build_pipeline  # noqa: E402
+from onnxopt.report.tables import table  # noqa: E402
+from onnxopt.verify.tolerance import ThresholdSet, loosest  # noqa: E402
+from onnxopt.verify.validate import validate  # noqa: E402
 
 PIPELINES = {
     "det": ["fold,fuse", "fold,quantize", "fold,fuse,prune{macs=0.1}"],
@@ -54,13 +55,21 @@ def run(models: list[str], eps: list[str], n: int, work: Path) -> list[list]:
             tol = loosest([p.tolerance for p in build_pipeline(pipeline)])
             try:
                 res = onnxopt.optimize(src, pipeline=pipeline, calibration=calib)
-            except Exception as exc:  # a pass not able to run is a result of the bench
+            except Exception as exc:  # noqa: BLE001  a pass not able to run is a result of the bench
                 rows.append([model, pipeline, "-", f"optimize failed: {str(exc)[:60]}", "-", "-", "-", "-"])
                 continue
             cand = work / f"{model}-{PIPELINES[model].index(pipeline)}.onnx"
             res.save(cand)
-            rep = validate(str(src), str(cand), eps, data=str(evald), samples=n,
-                           thresholds=ThresholdSet.for_tolerance(tol), threads=2, runs=20)
+            rep = validate(
+                str(src),
+                str(cand),
+                eps,
+                data=str(evald),
+                samples=n,
+                thresholds=ThresholdSet.for_tolerance(tol),
+                threads=2,
+                runs=20,
+            )
             print(rep.format_table(), flush=True)
             for e in rep.eps:
                 e2e = [c for c in e.checks if c.check == "e2e"]
@@ -69,9 +78,18 @@ def run(models: list[str], eps: list[str], n: int, work: Path) -> list[list]:
                 place = e.placement.summary().split(" [")[0] if e.placement else "-"
                 lat = f"{e.latency.ratio:.2f}" if e.latency and e.latency.ratio else "-"
                 status = e.status if e.status != "skipped" else f"skipped: {e.reason[:70]}"
-                rows.append([model, pipeline, e.ep, status, place,
-                             "-" if sqnr is None else ("inf" if sqnr == float("inf") else f"{sqnr:.1f}"),
-                             "-" if cos is None else f"{cos:.5f}", lat])
+                rows.append(
+                    [
+                        model,
+                        pipeline,
+                        e.ep,
+                        status,
+                        place,
+                        "-" if sqnr is None else ("inf" if sqnr == float("inf") else f"{sqnr:.1f}"),
+                        "-" if cos is None else f"{cos:.5f}",
+                        lat,
+                    ]
+                )
     return rows
 
 
@@ -84,12 +102,16 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-validate-") as d:
         rows = run(args.models.split(","), args.eps.split(","), args.samples, Path(d))
-    text = ("Each optimized model validated against its original on rendered evaluation inputs "
-            f"({args.samples} samples, seed 1; calibration seed 0). SQNR and cosine: worst output of the "
-            "end-to-end check (CAND on the EP vs REF on the CPU EP). Latency: CAND/REF median on that EP "
-            "(2 threads, 20 runs).\n\n" +
-            table(["model", "pipeline", "EP", "status", "placement", "e2e SQNR dB", "e2e cosine", "latency CAND/REF"],
-                  rows) + "\n")
+    text = (
+        "Each optimized model validated against its original on rendered evaluation inputs "
+        f"({args.samples} samples, seed 1; calibration seed 0). SQNR and cosine: worst output of the "
+        "end-to-end check (CAND on the EP vs REF on the CPU EP). Latency: CAND/REF median on that EP "
+        "(2 threads, 20 runs).\n\n"
+        + table(
+            ["model", "pipeline", "EP", "status", "placement", "e2e SQNR dB", "e2e cosine", "latency CAND/REF"], rows
+        )
+        + "\n"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("# bench/validate\n\n" + text)
     print(text)

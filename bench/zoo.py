@@ -5,7 +5,7 @@ For each model and pipeline: `onnxopt optimize M -o OUT -p PIPELINE --calib DIR 
 onnxopt's own checks: the exit code; `onnx.checker.check_model(full_check=True)`; the whole
 signature (input and output names, dtypes, dimensions with their symbolic names) equal to the
 original's; outputs against the original on real inputs (seed 1); the task metric of
-`fixtures.zoo_data.TASKS`; file size ratio; CPU latency ratio (`onnxopt.timing.median_latencies`,
+`fixtures.zoo_data.TASKS`; file size ratio; CPU latency ratio (`onnxopt.runtime.timing.median_latencies`,
 runs interleaved, medians, 2 threads); `onnxopt validate --ep cpu,openvino` verdict and node
 placement; node count against onnxslim's on the same model (dynamic shapes).
 
@@ -17,6 +17,7 @@ Pipelines (aliases): fuse = `fold,fuse`; quantize = `fold,quantize`; prune =
 
 Writes bench/results/zoo.md (or --out). Progress goes to stderr, one line per step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fixtures import zoo_data  # noqa: E402
-from onnxopt.timing import median_latencies  # noqa: E402
+from onnxopt.runtime.timing import median_latencies  # noqa: E402
 
 PIPELINES = {
     "fuse": "fold,fuse",
@@ -45,13 +46,28 @@ PIPELINES = {
     "prune": "fold,fuse,prune{macs=0.2}",
     "lowrank": "fold,lowrank{params=0.3}",
 }
-MODELS = ("magika", "layout_cdla", "minilm", "romanizer_encoder", "romanizer_decoder", "tashkeel_bilstm_int8",
-          "det", "rec", "cls")
+MODELS = (
+    "magika",
+    "layout_cdla",
+    "minilm",
+    "romanizer_encoder",
+    "romanizer_decoder",
+    "tashkeel_bilstm_int8",
+    "det",
+    "rec",
+    "cls",
+)
 # samples per model: (calibration, evaluation for the task metric, feeds for output/validate checks)
 SAMPLES = {
-    "magika": (64, 256, 2), "layout_cdla": (8, 8, 2), "minilm": (64, 256, 2), "romanizer_encoder": (64, 256, 2),
-    "romanizer_decoder": (64, 256, 4), "tashkeel_bilstm_int8": (64, 200, 4), "det": (8, 16, 2),
-    "rec": (32, 100, 4), "cls": (32, 200, 4),
+    "magika": (64, 256, 2),
+    "layout_cdla": (8, 8, 2),
+    "minilm": (64, 256, 2),
+    "romanizer_encoder": (64, 256, 2),
+    "romanizer_decoder": (64, 256, 4),
+    "tashkeel_bilstm_int8": (64, 200, 4),
+    "det": (8, 16, 2),
+    "rec": (32, 100, 4),
+    "cls": (32, 200, 4),
 }
 QUICK = {k: (max(4, c // 4), max(8, e // 8), min(2, v)) for k, (c, e, v) in SAMPLES.items()}
 EXACT_PIPELINES = ("fuse",)  # outputs must match the original to float rounding
@@ -65,7 +81,8 @@ def log(msg: str) -> None:
 def applicable(model: onnx.ModelProto, pipeline: str) -> str | None:
     """Why `pipeline` does not apply to `model` (None when it does)."""
     weights = {t.name for t in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}  # Paddle exports: Constant nodes
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }  # Paddle exports: Constant nodes
     ops = {(n.op_type, any(i in weights for i in n.input[1:2])) for n in model.graph.node}
     if pipeline == "prune" and not any(op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and w for op, w in ops):
         return "no Conv/Gemm/MatMul weights"
@@ -103,8 +120,21 @@ def _last_line(text: str) -> str:
 
 def optimize(src: Path, dst: Path, pipeline: str, calib: Path, report: Path, timeout: int) -> tuple[int, str, float]:
     """Run the CLI; (exit code, last line of stderr/stdout, seconds)."""
-    cmd = [sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(dst), "-p", pipeline,
-           "--calib", str(calib), "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxopt.cli",
+        "optimize",
+        str(src),
+        "-o",
+        str(dst),
+        "-p",
+        pipeline,
+        "--calib",
+        str(calib),
+        "--report",
+        str(report),
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -148,14 +178,34 @@ def onnxslim_nodes(src: Path, timeout: int) -> int | None:
 
 def validate(ref: Path, cand: Path, data: Path, report: Path, eps: str, timeout: int) -> tuple[str, str]:
     """`onnxopt validate` verdict (exit code and result line) and per-EP placement."""
-    cmd = [sys.executable, "-m", "onnxopt.cli", "validate", str(ref), str(cand), "--ep", eps, "--data", str(data),
-           "--samples", "2", "--runs", "3", "--warmup", "1", "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxopt.cli",
+        "validate",
+        str(ref),
+        str(cand),
+        "--ep",
+        eps,
+        "--data",
+        str(data),
+        "--samples",
+        "2",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--report",
+        str(report),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return f"timeout after {timeout}s", ""
-    verdict = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("result:")),
-                   _last_line(proc.stderr) or "?")
+    verdict = next(
+        (ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("result:")),
+        _last_line(proc.stderr) or "?",
+    )
     placement = []
     if report.exists():
         rep = json.loads(report.read_text())
@@ -172,8 +222,9 @@ def strict_signature(ref: onnx.ModelProto, cand: onnx.ModelProto) -> str:
     return "equal" if not diff else diff[0][:100]
 
 
-def bench_model(name: str, pipelines: list[str], work: Path, quick: bool, eps: str, do_validate: bool,
-                timeout: int) -> list[Row]:
+def bench_model(
+    name: str, pipelines: list[str], work: Path, quick: bool, eps: str, do_validate: bool, timeout: int
+) -> list[Row]:
     """Every pipeline on one model."""
     t_model = time.perf_counter()
     src = zoo_data.fixture_path(name)
@@ -221,7 +272,7 @@ def bench_model(name: str, pipelines: list[str], work: Path, quick: bool, eps: s
         try:
             onnx.checker.check_model(cand, full_check=True)
             row.checker = "ok"
-        except Exception as exc:  # the finding itself
+        except Exception as exc:  # noqa: BLE001  the checker's failure, whatever its type, is the finding itself
             row.checker = f"FAIL: {str(exc).splitlines()[0][:80]}"
         row.signature = strict_signature(original, cand)
         row.nodes = (len(original.graph.node), len(cand.graph.node), slim)
@@ -232,17 +283,18 @@ def bench_model(name: str, pipelines: list[str], work: Path, quick: bool, eps: s
             row.outputs = text + ("" if exact or alias not in EXACT_PIPELINES else " NOT EXACT")
             row.metric = task.metric(src, out, n_eval, zoo_data.EVAL_SEED, zoo_data.MODELS)
             log(f"{name} x {pipeline}: latency")
-            t_ref, t_cand = median_latencies([str(src), str(out)], check_feeds[0], runs=5 if quick else 15,
-                                             warmup=2)
+            t_ref, t_cand = median_latencies([str(src), str(out)], check_feeds[0], runs=5 if quick else 15, warmup=2)
             row.latency_ratio = t_cand / t_ref
-        except Exception as exc:  # a candidate that does not run is a result
+        except Exception as exc:  # noqa: BLE001  a candidate that does not run is a result
             row.outputs = row.outputs or f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         if do_validate:
             log(f"{name} x {pipeline}: validate --ep {eps}")
             row.validate, row.placement = validate(src, out, check, mdir / f"{alias}.validate.json", eps, timeout)
         row.cost_s = time.perf_counter() - t_row
-        log(f"{name} x {pipeline}: done in {row.cost_s:.0f}s; {task.headline}="
-            f"{row.metric.get(task.headline, float('nan')):.4f}")
+        log(
+            f"{name} x {pipeline}: done in {row.cost_s:.0f}s; {task.headline}="
+            f"{row.metric.get(task.headline, float('nan')):.4f}"
+        )
         rows.append(row)
     log(f"{name}: {time.perf_counter() - t_model:.0f}s for {len(pipelines)} pipelines")
     return rows
@@ -254,10 +306,13 @@ def _fmt(x: float, spec: str = ".2f") -> str:
 
 def markdown(rows: list[Row], header: str) -> str:
     """The results table (and one line per failure)."""
-    lines = [header, "",
-             "| model | pipeline | exit | changed | checker | signature | outputs vs original | task metric "
-             "| size | CPU latency | validate cpu,openvino | placement | nodes (orig / ours / onnxslim) | cost |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| model | pipeline | exit | changed | checker | signature | outputs vs original | task metric "
+        "| size | CPU latency | validate cpu,openvino | placement | nodes (orig / ours / onnxslim) | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.rc is None:
             lines.append(f"| {r.model} | {PIPELINES.get(r.pipeline, r.pipeline)} | | {r.error} | | | | | | | | | | |")
@@ -271,11 +326,13 @@ def markdown(rows: list[Row], header: str) -> str:
         lines.append(
             f"| {r.model} | `{PIPELINES[r.pipeline]}` | {r.rc} | {r.changed or r.error} | {r.checker} | {r.signature} "
             f"| {r.outputs} | {metric} | {_fmt(r.size_ratio)}x | {_fmt(r.latency_ratio)}x | {r.validate} "
-            f"| {r.placement} | {nodes if r.rc == 0 else ''} | {r.cost_s:.0f}s |")
+            f"| {r.placement} | {nodes if r.rc == 0 else ''} | {r.cost_s:.0f}s |"
+        )
     failures = [r for r in rows if r.rc not in (None, 0)]
     if failures:
-        lines += ["", "Failures:", ""] + [f"- {r.model} x `{PIPELINES[r.pipeline]}`: exit {r.rc}: {r.error}"
-                                          for r in failures]
+        lines += ["", "Failures:", ""] + [
+            f"- {r.model} x `{PIPELINES[r.pipeline]}`: exit {r.rc}: {r.error}" for r in failures
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -299,15 +356,23 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxopt-zoo-") as tmp:
         work = args.work_dir or Path(tmp)
-        rows = [r for m in models for r in bench_model(m, pipelines, work, args.quick, args.eps,
-                                                       not args.no_validate, args.timeout)]
-    command = " ".join(["python bench/zoo.py", f"--models {','.join(models)}", f"--pipelines {','.join(pipelines)}"]
-                       + ["--quick"] * args.quick + ["--no-validate"] * args.no_validate)
-    header = (f"# bench/zoo\n\n`{command}` on this "
-              f"machine ({os.cpu_count()} cores), {time.perf_counter() - t0:.0f}s. Outputs on real inputs "
-              "(fixtures/zoo_data.py, seed 1; calibration seed 0); 'NOT EXACT' marks a fold,fuse output outside "
-              "rtol 1e-4. Size and CPU latency are candidate/original. Cost: seconds for the row (optimize + "
-              "checks + metric + latency + validate).")
+        rows = [
+            r
+            for m in models
+            for r in bench_model(m, pipelines, work, args.quick, args.eps, not args.no_validate, args.timeout)
+        ]
+    command = " ".join(
+        ["python bench/zoo.py", f"--models {','.join(models)}", f"--pipelines {','.join(pipelines)}"]
+        + ["--quick"] * args.quick
+        + ["--no-validate"] * args.no_validate
+    )
+    header = (
+        f"# bench/zoo\n\n`{command}` on this "
+        f"machine ({os.cpu_count()} cores), {time.perf_counter() - t0:.0f}s. Outputs on real inputs "
+        "(fixtures/zoo_data.py, seed 1; calibration seed 0); 'NOT EXACT' marks a fold,fuse output outside "
+        "rtol 1e-4. Size and CPU latency are candidate/original. Cost: seconds for the row (optimize + "
+        "checks + metric + latency + validate)."
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows, header))
     log(f"wrote {args.out}")

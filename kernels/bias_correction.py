@@ -6,6 +6,7 @@ into a bias error, which a following normalization amplifies by |mean|/std of
 the output channel. Subtracting the expected shift from the bias (Nagel et
 al., "Data-Free Quantization", 2019, with E[x] from calibration) removes it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,7 +27,7 @@ class ChannelMeanObserver:
         self.sum: np.ndarray | None = None
         self.count = 0
 
-    def update(self, x: np.ndarray) -> "ChannelMeanObserver":
+    def update(self, x: np.ndarray) -> ChannelMeanObserver:
         x = np.asarray(x, dtype=np.float64)
         axis = self.axis % x.ndim
         s = x.sum(axis=tuple(a for a in range(x.ndim) if a != axis))
@@ -34,7 +35,7 @@ class ChannelMeanObserver:
         self.count += x.size // x.shape[axis]
         return self
 
-    def merge(self, other: "ChannelMeanObserver") -> "ChannelMeanObserver":
+    def merge(self, other: ChannelMeanObserver) -> ChannelMeanObserver:
         if other.sum is not None:
             self.sum = other.sum.copy() if self.sum is None else self.sum + other.sum
             self.count += other.count
@@ -48,15 +49,16 @@ class ChannelMeanObserver:
         return {"axis": self.axis, "count": self.count, "sum": None if self.sum is None else self.sum.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ChannelMeanObserver":
+    def from_dict(cls, d: dict[str, Any]) -> ChannelMeanObserver:
         obs = cls(d["axis"])
         obs.count = int(d["count"])
         obs.sum = None if d["sum"] is None else np.asarray(d["sum"], dtype=np.float64)
         return obs
 
 
-def mean_output_shift(weight: np.ndarray, weight_dq: np.ndarray, mean_x: np.ndarray, kind: str,
-                      group: int = 1) -> np.ndarray:
+def mean_output_shift(
+    weight: np.ndarray, weight_dq: np.ndarray, mean_x: np.ndarray, kind: str, group: int = 1
+) -> np.ndarray:
     """Expected output shift (W_q - W) E[x] per output channel, float64.
 
     kind: "conv" (weight [O, I/group, *k], mean over input channels [I]),

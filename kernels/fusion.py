@@ -3,13 +3,15 @@
 All functions take and return numpy arrays; float64 is used internally so a
 fused weight is as close to the unfused computation as float32 allows.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def bn_affine(scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
-              ) -> tuple[np.ndarray, np.ndarray]:
+def bn_affine(
+    scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Inference BatchNormalization as y = x * a + c per channel; returns (a, c) in float64."""
     a = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
     c = bias.astype(np.float64) - mean.astype(np.float64) * a

@@ -7,6 +7,7 @@ width and `Div` truncates toward zero. These functions give the ONNX result for
 a given element type, so a folded constant equals what the runtime would have
 computed, bit for bit.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -82,9 +82,7 @@ def damped_cholesky(cov: np.ndarray, eps: float) -> np.ndarray:
     raise np.linalg.LinAlgError("covariance is not positive semi-definite even after damping")
 
 
-def whitened_svd(
-    W: np.ndarray, cov: np.ndarray, rank: int, eps: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray, float]:
+def whitened_svd(W: np.ndarray, cov: np.ndarray, rank: int, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
     """Data-aware factors for y = x @ W minimizing E||x W - x A B||^2.
 
     ``cov`` is the second moment E[x^T x] (m x m, mean included, see
@@ -165,7 +163,7 @@ class CovarianceAccumulator:
         self.sum_x = np.zeros(self.dim, dtype=np.float64)
         self.count = 0
 
-    def update(self, x: np.ndarray) -> "CovarianceAccumulator":
+    def update(self, x: np.ndarray) -> CovarianceAccumulator:
         """Add rows of ``x`` (shape [..., dim]); returns ``self``."""
         x = np.asarray(x, dtype=np.float64)
         if x.shape[-1] != self.dim:
@@ -176,7 +174,7 @@ class CovarianceAccumulator:
         self.count += rows.shape[0]
         return self
 
-    def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+    def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Add another accumulator's sums; returns ``self``."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge dimension {other.dim} into {self.dim}")
@@ -207,7 +205,7 @@ class CovarianceAccumulator:
         return {"dim": self.dim, "sum_xtx": self.sum_xtx, "sum_x": self.sum_x, "count": self.count}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CovarianceAccumulator":
+    def from_dict(cls, d: dict[str, Any]) -> CovarianceAccumulator:
         """Rebuild from :meth:`to_dict` output (or a loaded npz)."""
         acc = cls(int(d["dim"]))
         acc.sum_xtx = np.array(d["sum_xtx"], dtype=np.float64)

@@ -8,6 +8,7 @@ removes the mean of the factorization error, and a greedy allocator that
 spends a global parameter or error budget where it costs least error per
 parameter saved. Pure numpy/scipy.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -73,8 +74,7 @@ def whitened_error_curve(W: np.ndarray, cov: np.ndarray, energy: float, eps: flo
     return tail / energy if energy > 0 else np.zeros_like(tail)
 
 
-def output_energy(W: np.ndarray, second_moment: np.ndarray, mean: np.ndarray,
-                  bias: np.ndarray | None = None) -> float:
+def output_energy(W: np.ndarray, second_moment: np.ndarray, mean: np.ndarray, bias: np.ndarray | None = None) -> float:
     """E||x W + b||^2 per row from the input moments E[x^T x] and E[x]."""
     W = np.asarray(W, dtype=np.float64)
     # trace(W^T S W) as one BLAS product: a three-operand einsum runs unblocked (33 s on MiniLM)
@@ -85,8 +85,9 @@ def output_energy(W: np.ndarray, second_moment: np.ndarray, mean: np.ndarray,
     return max(e, 0.0)
 
 
-def corrected_bias(W: np.ndarray, A: np.ndarray, B: np.ndarray, mean: np.ndarray,
-                   bias: np.ndarray | None = None) -> np.ndarray:
+def corrected_bias(
+    W: np.ndarray, A: np.ndarray, B: np.ndarray, mean: np.ndarray, bias: np.ndarray | None = None
+) -> np.ndarray:
     """Bias b + E[x] (W - A B) that makes the factorized layer's output error zero-mean."""
     W = np.asarray(W, dtype=np.float64)
     delta = np.asarray(mean, dtype=np.float64) @ (W - np.asarray(A, np.float64) @ np.asarray(B, np.float64))
@@ -94,9 +95,15 @@ def corrected_bias(W: np.ndarray, A: np.ndarray, B: np.ndarray, mean: np.ndarray
     return base + delta
 
 
-def relative_output_error(W: np.ndarray, A: np.ndarray, B: np.ndarray, second_moment: np.ndarray,
-                          mean: np.ndarray, bias: np.ndarray | None = None,
-                          new_bias: np.ndarray | None = None) -> float:
+def relative_output_error(
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    second_moment: np.ndarray,
+    mean: np.ndarray,
+    bias: np.ndarray | None = None,
+    new_bias: np.ndarray | None = None,
+) -> float:
     """sqrt(E||(x W + b) - (x A B + b')||^2 / E||x W + b||^2) from the input moments (no damping)."""
     W = np.asarray(W, dtype=np.float64)
     D = W - np.asarray(A, np.float64) @ np.asarray(B, np.float64)
@@ -124,8 +131,9 @@ def allowed_ranks(m: int, n: int, multiple: int, cap: int | None = None) -> list
     return list(range((top // multiple) * multiple, 0, -multiple))
 
 
-def allocate_ranks(layers: list[LayerCurve], multiple: int = 1, params: float | None = None,
-                   error: float | None = None) -> list[int]:
+def allocate_ranks(
+    layers: list[LayerCurve], multiple: int = 1, params: float | None = None, error: float | None = None
+) -> list[int]:
     """Ranks (0 = dense) meeting a global budget with the least error, greedily.
 
     ``params``: remove at least this fraction of the layers' total m*n

@@ -53,7 +53,7 @@ class MinMaxObserver:
         """Number of channels, or None for per-tensor (or not yet updated) observers."""
         return None if self.axis is None or self.min is None else int(self.min.shape[0])
 
-    def update(self, x: np.ndarray) -> "MinMaxObserver":
+    def update(self, x: np.ndarray) -> MinMaxObserver:
         """Fold one batch into the running statistics; returns ``self``."""
         a = np.asarray(x, dtype=np.float64)
         if self.axis is None:
@@ -61,6 +61,7 @@ class MinMaxObserver:
             self.nonfinite += bad
             self.count += int(vals.size)
             if vals.size:
+                assert self.min is not None and self.max is not None  # per-tensor bounds start at +-inf
                 self.min = np.minimum(self.min, vals.min() + 0.0)
                 self.max = np.maximum(self.max, vals.max() + 0.0)
             return self
@@ -68,9 +69,7 @@ class MinMaxObserver:
             raise ValueError("per-channel MinMaxObserver needs at least a 1-D tensor")
         rows = np.moveaxis(a, self.axis, 0).reshape(a.shape[self.axis], -1)
         if self.min is not None and rows.shape[0] != self.min.shape[0]:
-            raise ValueError(
-                f"channel count changed along axis {self.axis}: {self.min.shape[0]} -> {rows.shape[0]}"
-            )
+            raise ValueError(f"channel count changed along axis {self.axis}: {self.min.shape[0]} -> {rows.shape[0]}")
         finite = np.isfinite(rows)
         self.nonfinite += int(rows.size - np.count_nonzero(finite))
         self.count += int(rows.shape[1])
@@ -80,7 +79,7 @@ class MinMaxObserver:
         self.max = hi if self.max is None else np.maximum(self.max, hi)
         return self
 
-    def merge(self, other: "MinMaxObserver") -> "MinMaxObserver":
+    def merge(self, other: MinMaxObserver) -> MinMaxObserver:
         """Fold another observer's statistics into this one; returns ``self``."""
         if other.axis != self.axis:
             raise ValueError(f"cannot merge observers with axis {self.axis} and {other.axis}")
@@ -88,9 +87,11 @@ class MinMaxObserver:
         self.nonfinite += other.nonfinite
         if other.min is None:
             return self
+        assert other.max is not None  # min and max are set together
         if self.min is None:
             self.min, self.max = other.min.copy(), other.max.copy()
             return self
+        assert self.max is not None  # min and max are set together
         if self.min.shape != other.min.shape:
             raise ValueError(f"cannot merge {self.min.shape[0]} channels with {other.min.shape[0]}")
         self.min = np.minimum(self.min, other.min)
@@ -99,6 +100,7 @@ class MinMaxObserver:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serializable state (infinite bounds of empty data become None)."""
+
         def conv(v: np.ndarray | None) -> Any:
             if v is None:
                 return None
@@ -116,7 +118,7 @@ class MinMaxObserver:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MinMaxObserver":
+    def from_dict(cls, d: dict[str, Any]) -> MinMaxObserver:
         """Rebuild an observer from :meth:`to_dict` output."""
         obs = cls(axis=d["axis"])
         obs.count = int(d["count"])
@@ -141,10 +143,7 @@ class MinMaxObserver:
             for a, b in ((self.min, other.min), (self.max, other.max))
         )
         return (
-            self.axis == other.axis
-            and self.count == other.count
-            and self.nonfinite == other.nonfinite
-            and same_arrays
+            self.axis == other.axis and self.count == other.count and self.nonfinite == other.nonfinite and same_arrays
         )
 
     def __repr__(self) -> str:
@@ -249,10 +248,15 @@ class HistogramObserver:
         self.exponent, self.offset, self.counts = target, int(klo), merged
         self.min, self.max = new_lo, new_hi
 
-    def update(self, x: np.ndarray) -> "HistogramObserver":
+    def update(self, x: np.ndarray) -> HistogramObserver:
         """Fold one batch (any shape) into the histogram; returns ``self``."""
-        if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.size and self.max_bins <= 2**22 \
-                and self._update_float32(x):
+        if (
+            isinstance(x, np.ndarray)
+            and x.dtype == np.float32
+            and x.size
+            and self.max_bins <= 2**22
+            and self._update_float32(x)
+        ):
             return self
         vals, bad = _finite_f64(x)
         self.nonfinite += bad
@@ -300,7 +304,7 @@ class HistogramObserver:
         self.count += int(flat.size)
         return True
 
-    def merge(self, other: "HistogramObserver") -> "HistogramObserver":
+    def merge(self, other: HistogramObserver) -> HistogramObserver:
         """Fold another histogram into this one exactly; returns ``self``."""
         if (other.max_bins, other.min_exponent) != (self.max_bins, self.min_exponent):
             raise ValueError("cannot merge histograms with different max_bins or min_exponent")
@@ -327,7 +331,7 @@ class HistogramObserver:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HistogramObserver":
+    def from_dict(cls, d: dict[str, Any]) -> HistogramObserver:
         """Rebuild a histogram from :meth:`to_dict` output."""
         obs = cls(max_bins=d["max_bins"], min_exponent=d["min_exponent"])
         obs.exponent = int(d["exponent"])

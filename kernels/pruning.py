@@ -5,10 +5,11 @@ are viewed as "consumer matrices" W of shape [out, C, taps] (a Conv weight
 [O, C, kh, kw] reshaped, a Gemm/MatMul B as [N, K, 1]) so one code path serves
 every op that sums over channels.
 """
+
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
@@ -28,13 +29,13 @@ class ChannelStats:
         self.cov = CovarianceAccumulator(dim)
         self.sum_abs = np.zeros(dim, dtype=np.float64)
 
-    def update(self, x: np.ndarray) -> "ChannelStats":
+    def update(self, x: np.ndarray) -> ChannelStats:
         rows = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1).reshape(-1, self.cov.dim)
         self.cov.update(rows)
         self.sum_abs += np.abs(rows).sum(axis=0)
         return self
 
-    def merge(self, other: "ChannelStats") -> "ChannelStats":
+    def merge(self, other: ChannelStats) -> ChannelStats:
         self.cov.merge(other.cov)
         self.sum_abs += other.sum_abs
         return self
@@ -52,7 +53,7 @@ class ChannelStats:
 def weight_norms(w: np.ndarray, axis: int, order: int = 1) -> np.ndarray:
     """L1 (order=1) or squared-L2 (order=2) norm of each slice of `w` along `axis`."""
     moved = np.moveaxis(np.asarray(w, dtype=np.float64), axis, 0).reshape(w.shape[axis], -1)
-    return np.abs(moved).sum(axis=1) if order == 1 else (moved ** 2).sum(axis=1)
+    return np.abs(moved).sum(axis=1) if order == 1 else (moved**2).sum(axis=1)
 
 
 def conditional_variance(cov: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
@@ -65,7 +66,7 @@ def conditional_variance(cov: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
         # times faster than the eigendecomposition pinv needs (seconds at 1536 channels)
         low = scipy.linalg.cholesky(a, lower=True)
         inv_low = scipy.linalg.solve_triangular(low, np.eye(len(c)), lower=True)
-        diag = (inv_low ** 2).sum(axis=0)
+        diag = (inv_low**2).sum(axis=0)
     except np.linalg.LinAlgError:
         diag = np.diag(np.linalg.pinv(a, hermitian=True))
     return 1.0 / np.maximum(diag, 1e-30)
@@ -89,8 +90,9 @@ def bias_fold(w: np.ndarray, removed: np.ndarray, value: np.ndarray) -> np.ndarr
     return wr @ np.asarray(value, dtype=np.float64)
 
 
-def ridge_refit(w: np.ndarray, cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, removed: np.ndarray,
-                ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+def ridge_refit(
+    w: np.ndarray, cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, removed: np.ndarray, ridge: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares compensation: predict removed channels from kept ones and fold into W and bias.
 
     With x_r ~ A x_k + (mu_r - A mu_k), A = S_rk (S_kk + l I)^-1 (centered
@@ -110,9 +112,15 @@ def ridge_refit(w: np.ndarray, cov: np.ndarray, mean: np.ndarray, kept: np.ndarr
     return new_wk, wr.sum(axis=2) @ offset
 
 
-def select_channels(scores: Sequence[np.ndarray], node_macs: Sequence[float],
-                    memberships: Sequence[Sequence[tuple[int, int, int]]], node_sizes: Sequence[tuple[int, int]],
-                    target: float, max_ratio: float, multiple: int) -> list[list[int]]:
+def select_channels(
+    scores: Sequence[np.ndarray],
+    node_macs: Sequence[float],
+    memberships: Sequence[Sequence[Sequence[tuple[int, int, int]]]],
+    node_sizes: Sequence[tuple[int, int]],
+    target: float,
+    max_ratio: float,
+    multiple: int,
+) -> list[list[int]]:
     """Greedy budgeted selection of channels to remove, lowest normalized score first.
 
     The removed channel indices per group; `select_channel_steps` (same arguments) gives the
@@ -124,10 +132,15 @@ def select_channels(scores: Sequence[np.ndarray], node_macs: Sequence[float],
     return removed
 
 
-def select_channel_steps(scores: Sequence[np.ndarray], node_macs: Sequence[float],
-                         memberships: Sequence[Sequence[tuple[int, int, int]]],
-                         node_sizes: Sequence[tuple[int, int]], target: float, max_ratio: float,
-                         multiple: int) -> list[tuple[int, list[int]]]:
+def select_channel_steps(
+    scores: Sequence[np.ndarray],
+    node_macs: Sequence[float],
+    memberships: Sequence[Sequence[Sequence[tuple[int, int, int]]]],
+    node_sizes: Sequence[tuple[int, int]],
+    target: float,
+    max_ratio: float,
+    multiple: int,
+) -> list[tuple[int, list[int]]]:
     """The greedy selection of `select_channels` as (group, chunk of channel indices) steps, in order.
 
     Each prefix of the steps is the selection a smaller budget would make, so a caller can back
@@ -145,11 +158,12 @@ def select_channel_steps(scores: Sequence[np.ndarray], node_macs: Sequence[float
     total0 = float(sum(node_macs))
     total = total0
     goal = (1.0 - target) * total0
-    orders, removed, heap = [], [[] for _ in scores], []
+    orders: list[list[int]] = []
+    removed: list[list[int]] = [[] for _ in scores]
+    heap: list[tuple[float, int]] = []
     steps: list[tuple[int, list[int]]] = []
-    norm = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-30) if len(s) else np.zeros(0)
-            for s in scores]
-    for g, s in enumerate(norm):
+    norm = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-30) if len(s) else np.zeros(0) for s in scores]
+    for s in norm:
         orders.append(list(np.argsort(s, kind="stable")))
 
     def chunk(g: int) -> list[int] | None:
@@ -158,7 +172,7 @@ def select_channel_steps(scores: Sequence[np.ndarray], node_macs: Sequence[float
         limit = int(np.floor(max_ratio * n))
         if done + size > limit or n - done - size < max(multiple, 1):
             return None
-        return orders[g][done:done + size]
+        return orders[g][done : done + size]
 
     for g in range(len(norm)):
         c = chunk(g)

@@ -6,7 +6,7 @@ to even and results saturate to the integer type, as the ONNX operators do.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def quantize(
     x: np.ndarray,
     scale: float | np.ndarray,
     zero_point: int | np.ndarray,
-    dtype: str | np.dtype | None = None,
+    dtype: str | np.dtype | type | None = None,
     axis: int | None = None,
 ) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point).
@@ -191,8 +191,8 @@ def quantize_weight_per_tensor(
     """
     w = np.asarray(w)
     if w.ndim == 0:
-        q, scale, zp = quantize_weight_per_tensor(w.reshape(1), bits, reduce_range)
-        return q.reshape(()), scale, zp
+        q1, scale1, zp1 = quantize_weight_per_tensor(w.reshape(1), bits, reduce_range)
+        return q1.reshape(()), scale1, zp1
     qmax = _weight_qmax(bits, reduce_range)
     absmax = max((float(np.max(np.abs(w[sl]))) for sl in _slabs(w.shape) if w[sl].size), default=0.0)
     scale = _safe_scale(np.array(absmax / qmax))[()]
@@ -250,8 +250,7 @@ def block_layout(shape: Sequence[int], axis: int, block: int) -> tuple[tuple[int
     return ((shape[0], r // block, block), 2) if first else ((r // block, block, shape[1]), 1)
 
 
-def quantize_weight_blocks(w: np.ndarray, axis: int, block: int = 32
-                           ) -> tuple[np.ndarray, np.ndarray] | None:
+def quantize_weight_blocks(w: np.ndarray, axis: int, block: int = 32) -> tuple[np.ndarray, np.ndarray] | None:
     """Symmetric int8 weights with one scale per `block` consecutive values of each output
     channel's reduction (see `block_layout`): (q in the blocked shape, float32 scales that
     broadcast against it), or None when the weight cannot be cut so.
@@ -283,7 +282,7 @@ class BiasQuantizationError(ValueError):
 
 
 def quantize_bias(
-    b: np.ndarray, input_scale: float, weight_scales: float | np.ndarray
+    b: np.ndarray, input_scale: float | np.floating, weight_scales: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """int32 bias with scale = input_scale * weight_scales (float32, per tensor or per channel).
 

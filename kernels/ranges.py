@@ -11,6 +11,7 @@ clipped to the exact data min/max so no range ever exceeds the data.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import numpy as np
 
@@ -23,6 +24,14 @@ def _with_zero(lo: float, hi: float) -> tuple[float, float]:
     return float(min(lo, 0.0)), float(max(hi, 0.0))
 
 
+@overload
+def range_minmax(obs: HistogramObserver) -> tuple[float, float]: ...
+
+
+@overload
+def range_minmax(obs: MinMaxObserver) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]: ...
+
+
 def range_minmax(
     obs: MinMaxObserver | HistogramObserver,
 ) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
@@ -31,6 +40,7 @@ def range_minmax(
         return (0.0, 0.0) if obs.count == 0 else _with_zero(obs.min, obs.max)
     if obs.min is None:
         return (0.0, 0.0)
+    assert obs.max is not None  # min and max are set together
     lo = np.where(np.isfinite(obs.min), obs.min, 0.0)
     hi = np.where(np.isfinite(obs.max), obs.max, 0.0)
     if obs.axis is None:
@@ -197,11 +207,7 @@ def range_mse(
     i_lo = np.searchsorted(centers, lo, side="left")
     i_hi = np.searchsorted(centers, hi, side="right")
     below = s2_cum[i_lo] - 2 * lo * s1_cum[i_lo] + lo * lo * n_cum[i_lo]
-    above = (
-        (s2_cum[-1] - s2_cum[i_hi])
-        - 2 * hi * (s1_cum[-1] - s1_cum[i_hi])
-        + hi * hi * (n_cum[-1] - n_cum[i_hi])
-    )
+    above = (s2_cum[-1] - s2_cum[i_hi]) - 2 * hi * (s1_cum[-1] - s1_cum[i_hi]) + hi * hi * (n_cum[-1] - n_cum[i_hi])
     inside = (n_cum[i_hi] - n_cum[i_lo]) * step * step / 12.0
     cost = np.maximum(below, 0.0) + np.maximum(above, 0.0) + inside
     best = int(np.argmin(cost))

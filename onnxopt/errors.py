@@ -4,6 +4,7 @@
 traceback); `CheckFailed` means the optimized model does not match (exit 1).
 Anything else escaping the tool is an internal error (exit 3).
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@
 reproducers. `$ONNXOPT_CACHE` (default: the home directory): calibration
 statistics and timing caches, which make latency-aware decisions reproducible.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Built-in rewrite passes, one module each; importing this package registers them all."""
+
 from __future__ import annotations
 
 import importlib

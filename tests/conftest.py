@@ -1,4 +1,5 @@
 """Shared test helpers: real-model fixtures, parsing small models, running them."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,17 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("ONNXOPT_PROGRESS", "0")
 
 PPOCR = ("det", "rec", "cls")
-LIGHT = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
-         "vgg19", "zfnet512")
+LIGHT = (
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+)
 
 
 def real_model(name: str) -> Path:

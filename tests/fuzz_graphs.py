@@ -10,6 +10,7 @@ Add/Mul. Some weights are built by constant expressions for `fold` to fold.
 The spec (ops, channels, seed, flags) is what hypothesis shrinks; the graph is
 rebuilt from it deterministically, so a shrunk spec is a regression test.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,9 +32,9 @@ class Spec:
     channels: int = 3
     size: int = 4
     seed: int = 0
-    const_expr: bool = False     # build some weights as Mul(Constant, Constant) for fold
-    zero_channels: int = 0       # zero this many output channels of every Conv/Gemm (dead for exact prune)
-    low_rank: int = 0            # if > 0, Gemm/MatMul weights have exactly this rank
+    const_expr: bool = False  # build some weights as Mul(Constant, Constant) for fold
+    zero_channels: int = 0  # zero this many output channels of every Conv/Gemm (dead for exact prune)
+    low_rank: int = 0  # if > 0, Gemm/MatMul weights have exactly this rank
 
 
 def specs(max_ops: int = 6, zero_channels: bool = False, low_rank: bool = False) -> st.SearchStrategy[Spec]:
@@ -69,8 +70,9 @@ class _Builder:
         if self.spec.const_expr and value.dtype == np.float32 and value.size > 1:
             a, b = self.name(base + "_half"), self.name(base + "_two")
             self.nodes.append(helper.make_node("Constant", [], [a], value=numpy_helper.from_array(value / 2)))
-            self.nodes.append(helper.make_node("Constant", [], [b], value=numpy_helper.from_array(
-                np.array(2, np.float32))))
+            self.nodes.append(
+                helper.make_node("Constant", [], [b], value=numpy_helper.from_array(np.array(2, np.float32)))
+            )
             self.nodes.append(helper.make_node("Mul", [a, b], [name]))
         else:
             self.inits.append(numpy_helper.from_array(value, name))
@@ -118,10 +120,13 @@ def build(spec: Spec) -> onnx.ModelProto:
         else:
             x, feat = _op_2d(b, op, x, feat)
     y_shape = ["N", c, h, w] if feat is None else ["N", feat]
-    graph = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                              ["N", spec.channels, spec.size,
-                                                                               spec.size])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, y_shape)], b.inits)
+    graph = helper.make_graph(
+        b.nodes,
+        "fuzz",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", spec.channels, spec.size, spec.size])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, y_shape)],
+        b.inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -143,8 +148,11 @@ def _conv(b: _Builder, x: str, c: int, co: int) -> str:
 def _bn(b: _Builder, x: str, c: int) -> str:
     scale, bias, mean = (b.weight(c, fan_in=1) for _ in range(3))
     var = b.rng.uniform(0.5, 2.0, c).astype(np.float32)
-    return b.node("BatchNormalization", [x, b.const(scale, "s"), b.const(bias, "b"), b.const(mean, "m"),
-                                         b.const(var, "v")], epsilon=1e-5)
+    return b.node(
+        "BatchNormalization",
+        [x, b.const(scale, "s"), b.const(bias, "b"), b.const(mean, "m"), b.const(var, "v")],
+        epsilon=1e-5,
+    )
 
 
 def _op_4d(b: _Builder, op: str, x: str, c: int, h: int, w: int) -> tuple[str, int, int, int]:
@@ -214,12 +222,14 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
 
 
-def assert_same_outputs(spec: Spec, pipeline: str, batches: tuple[int, ...] = (2, 3, 1),
-                        rtol: float = 1e-4, atol: float = 1e-5) -> onnx.ModelProto:
+def assert_same_outputs(
+    spec: Spec, pipeline: str, batches: tuple[int, ...] = (2, 3, 1), rtol: float = 1e-4, atol: float = 1e-5
+) -> onnx.ModelProto:
     """Optimize the spec's model (batch axis left dynamic) and compare outputs at every batch; return the result.
 
     Checking at batch sizes other than the one the pipeline saw proves dynamic axes were not frozen.

@@ -1,5 +1,6 @@
 """Helpers of the executor tests: module-level tasks (pickled by reference into worker processes), a tiny model,
 and the quantize pass's sensitivity analysis run on a given executor."""
+
 from __future__ import annotations
 
 import os
@@ -71,12 +72,13 @@ def tiny_samples(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32) * (1 + i % 3)} for i in range(n)]
 
 
-def quantize_sensitivity(model: onnx.ModelProto, samples: list, executor: Any, target_sqnr: float
-                         ) -> tuple[dict[str, float], list[tuple], bytes]:
+def quantize_sensitivity(
+    model: onnx.ModelProto, samples: list, executor: Any, target_sqnr: float
+) -> tuple[dict[str, float], list[tuple], bytes]:
     """The quantize pass (no timing, no statistics cache) with `executor` in its settings: the per-layer SQNRs
     exactly as its sensitivity trials returned them, its layer decisions (node, int8, why) and the model's bytes."""
     import onnxopt
-    from onnxopt.passes import quantize
+    from onnxopt.passes.quantize import search as quantize
 
     real, seen = quantize.sensitivity, []
 
@@ -86,9 +88,13 @@ def quantize_sensitivity(model: onnx.ModelProto, samples: list, executor: Any, t
 
     quantize.sensitivity = spy
     try:
-        res = onnxopt.optimize(model, pipeline=f"quantize{{latency_aware=false,check_latency=false,cache=false,"
-                                               f"sensitivity_samples=4,target_sqnr={target_sqnr}}}",
-                               calibration=samples, settings={"executor": executor})
+        res = onnxopt.optimize(
+            model,
+            pipeline=f"quantize{{latency_aware=false,check_latency=false,cache=false,"
+            f"sensitivity_samples=4,target_sqnr={target_sqnr}}}",
+            calibration=samples,
+            settings={"executor": executor},
+        )
     finally:
         quantize.sensitivity = real
     rows = next(p for p in res.report["passes"] if p.get("name", p.get("pass")) == "quantize")["details"]

@@ -3,6 +3,7 @@
 Cases run in-process through `onnxopt.cli.main`; two also run as a subprocess to
 prove nothing (no traceback, no warning) reaches stderr besides the one line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,13 +19,17 @@ from conftest import ROOT, parse
 import onnxopt
 from onnxopt.cli import main
 
-MODEL = """
+MODEL = (
+    """
 <ir_version: 8, opset_import: ["" : 15]>
 g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
-    w = Constant <value = float[4, 3, 3, 3] {""" + ",".join(["0.1"] * 108) + """}> ()
+    w = Constant <value = float[4, 3, 3, 3] {"""
+    + ",".join(["0.1"] * 108)
+    + """}> ()
     c = Conv <pads = [1, 1, 1, 1]> (x, w)
     y = Relu (c)
 }"""
+)
 
 
 @pytest.fixture()
@@ -37,8 +42,13 @@ def work(tmp_path: Path) -> Path:
 
 def _snapshot(*dirs: Path) -> dict[str, str]:
     """Every file (recursively, hidden ones too) with a hash of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for d in dirs if d.is_dir()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for d in dirs
+        if d.is_dir()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_user_error(argv: list[str], capsys, *dirs: Path, mentions: str = "") -> str:
@@ -56,19 +66,20 @@ def assert_user_error(argv: list[str], capsys, *dirs: Path, mentions: str = "") 
 
 
 def test_missing_file(work, capsys):
-    assert_user_error(["optimize", str(work / "nope.onnx"), "-o", str(work / "out/o.onnx")], capsys, work,
-                      mentions="no such file")
+    assert_user_error(
+        ["optimize", str(work / "nope.onnx"), "-o", str(work / "out/o.onnx")], capsys, work, mentions="no such file"
+    )
 
 
 def test_directory_as_model(work, capsys):
-    assert_user_error(["optimize", str(work / "out"), "-o", str(work / "o.onnx")], capsys, work,
-                      mentions="directory")
+    assert_user_error(["optimize", str(work / "out"), "-o", str(work / "o.onnx")], capsys, work, mentions="directory")
 
 
 def test_empty_file(work, capsys):
     (work / "empty.onnx").write_bytes(b"")
-    assert_user_error(["optimize", str(work / "empty.onnx"), "-o", str(work / "out/o.onnx")], capsys, work,
-                      mentions="empty")
+    assert_user_error(
+        ["optimize", str(work / "empty.onnx"), "-o", str(work / "out/o.onnx")], capsys, work, mentions="empty"
+    )
 
 
 def test_truncated_model(work, capsys):
@@ -92,8 +103,12 @@ def test_model_failing_the_checker(work, capsys):
     m = parse(MODEL)
     m.graph.node[2].input[0] = "undefined_tensor"
     onnx.save(m, str(work / "bad.onnx"))
-    assert_user_error(["optimize", str(work / "bad.onnx"), "-o", str(work / "out/o.onnx")], capsys, work,
-                      mentions="not a valid onnx model")
+    assert_user_error(
+        ["optimize", str(work / "bad.onnx"), "-o", str(work / "out/o.onnx")],
+        capsys,
+        work,
+        mentions="not a valid onnx model",
+    )
 
 
 def test_missing_external_data_file(work, capsys):
@@ -101,8 +116,9 @@ def test_missing_external_data_file(work, capsys):
     onnx.save(m, str(work / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     assert (work / "ext.onnx.data").exists()
     (work / "ext.onnx.data").unlink()
-    assert_user_error(["optimize", str(work / "ext.onnx"), "-o", str(work / "out/o.onnx")], capsys, work,
-                      mentions="external data")
+    assert_user_error(
+        ["optimize", str(work / "ext.onnx"), "-o", str(work / "out/o.onnx")], capsys, work, mentions="external data"
+    )
 
 
 def _calib(d: Path, samples: list[dict[str, np.ndarray]]) -> Path:
@@ -117,52 +133,98 @@ def _good(n=1, shape=(1, 3, 8, 8)):
 
 
 @pytest.mark.parametrize("pipeline,extra", [("fold,quantize", []), ("fold", ["--check", "2"])])
-@pytest.mark.parametrize("case,samples,mentions", [
-    ("names", [{"input": _good()}], "input names"),
-    ("shape", [{"x": _good(shape=(1, 3, 8))}], "shape"),
-    ("channels", [{"x": _good(shape=(1, 4, 8, 8))}], "shape"),
-    ("dtype", [{"x": np.ones((1, 3, 8, 8), np.int32)}], "dtype"),
-    ("nan", [{"x": np.full((1, 3, 8, 8), np.nan, np.float32)}], "nan"),
-    ("nan_later", [{"x": _good(1)}, {"x": _good(2)}, {"x": np.where(_good(3) > 0, np.inf, 0).astype(np.float32)}],
-     "nan"),
-])
+@pytest.mark.parametrize(
+    "case,samples,mentions",
+    [
+        ("names", [{"input": _good()}], "input names"),
+        ("shape", [{"x": _good(shape=(1, 3, 8))}], "shape"),
+        ("channels", [{"x": _good(shape=(1, 4, 8, 8))}], "shape"),
+        ("dtype", [{"x": np.ones((1, 3, 8, 8), np.int32)}], "dtype"),
+        ("nan", [{"x": np.full((1, 3, 8, 8), np.nan, np.float32)}], "nan"),
+        (
+            "nan_later",
+            [{"x": _good(1)}, {"x": _good(2)}, {"x": np.where(_good(3) > 0, np.inf, 0).astype(np.float32)}],
+            "nan",
+        ),
+    ],
+)
 def test_bad_calibration_data(work, capsys, pipeline, extra, case, samples, mentions):
     calib = _calib(work / f"calib_{case}", samples)
     if case == "nan_later" and "--check" in extra:
         extra = ["--check", "3"]
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", pipeline,
-                       "--calib", str(calib), *extra], capsys, work, mentions=mentions)
+    assert_user_error(
+        [
+            "optimize",
+            str(work / "m.onnx"),
+            "-o",
+            str(work / "out/o.onnx"),
+            "-p",
+            pipeline,
+            "--calib",
+            str(calib),
+            *extra,
+        ],
+        capsys,
+        work,
+        mentions=mentions,
+    )
 
 
 def test_calibration_path_missing(work, capsys):
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", "fold,quantize",
-                       "--calib", str(work / "nocalib")], capsys, work, mentions="calibration")
+    assert_user_error(
+        [
+            "optimize",
+            str(work / "m.onnx"),
+            "-o",
+            str(work / "out/o.onnx"),
+            "-p",
+            "fold,quantize",
+            "--calib",
+            str(work / "nocalib"),
+        ],
+        capsys,
+        work,
+        mentions="calibration",
+    )
 
 
-@pytest.mark.parametrize("pipeline,mentions", [
-    ("fold,nosuchpass", "nosuchpass"),
-    ("fold{nosuch=1}", "nosuch"),
-    ("fold{size_limit_mb=abc}", "size_limit_mb"),
-    ("fold{shapes=maybe}", "shapes"),
-    ("fold{max_iterations=2.5}", "max_iterations"),
-    ("fold,,fuse", ""),
-    ("fold{", ""),
-])
+@pytest.mark.parametrize(
+    "pipeline,mentions",
+    [
+        ("fold,nosuchpass", "nosuchpass"),
+        ("fold{nosuch=1}", "nosuch"),
+        ("fold{size_limit_mb=abc}", "size_limit_mb"),
+        ("fold{shapes=maybe}", "shapes"),
+        ("fold{max_iterations=2.5}", "max_iterations"),
+        ("fold,,fuse", ""),
+        ("fold{", ""),
+    ],
+)
 def test_bad_pipeline(work, capsys, pipeline, mentions):
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", pipeline], capsys,
-                      work, mentions=mentions)
+    assert_user_error(
+        ["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", pipeline],
+        capsys,
+        work,
+        mentions=mentions,
+    )
 
 
 def test_unknown_cli_option_and_bad_option_type(work, capsys):
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "--no-such-flag"], capsys,
-                      work)
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "--check", "many"], capsys,
-                      work)
+    assert_user_error(
+        ["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "--no-such-flag"], capsys, work
+    )
+    assert_user_error(
+        ["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "--check", "many"], capsys, work
+    )
 
 
 def test_output_directory_missing(work, capsys):
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "nodir/sub/o.onnx")], capsys, work,
-                      mentions="does not exist")
+    assert_user_error(
+        ["optimize", str(work / "m.onnx"), "-o", str(work / "nodir/sub/o.onnx")],
+        capsys,
+        work,
+        mentions="does not exist",
+    )
 
 
 def test_output_directory_is_a_file(work, capsys):
@@ -184,8 +246,9 @@ def test_output_directory_read_only(work, capsys):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(ro / "o.onnx")], capsys, work,
-                          mentions="writable")
+        assert_user_error(
+            ["optimize", str(work / "m.onnx"), "-o", str(ro / "o.onnx")], capsys, work, mentions="writable"
+        )
     finally:
         ro.chmod(0o700)
 
@@ -195,15 +258,19 @@ def test_output_is_a_directory(work, capsys):
 
 
 def test_output_equals_input(work, capsys):
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "m.onnx")], capsys, work,
-                      mentions="input")
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/../m.onnx")], capsys, work,
-                      mentions="input")
+    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "m.onnx")], capsys, work, mentions="input")
+    assert_user_error(
+        ["optimize", str(work / "m.onnx"), "-o", str(work / "out/../m.onnx")], capsys, work, mentions="input"
+    )
 
 
 def test_report_path_equal_to_input(work, capsys):
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "--report",
-                       str(work / "m.onnx")], capsys, work, mentions="input")
+    assert_user_error(
+        ["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "--report", str(work / "m.onnx")],
+        capsys,
+        work,
+        mentions="input",
+    )
 
 
 @pytest.mark.parametrize("case", ["random", "nan"])
@@ -213,18 +280,33 @@ def test_subprocess_prints_one_line_and_no_traceback(work, case):
         argv = ["optimize", str(work / "r.onnx"), "-o", str(work / "out/o.onnx")]
     else:
         calib = _calib(work / "calib", [{"x": np.full((1, 3, 8, 8), np.nan, np.float32)}])
-        argv = ["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", "fold,quantize",
-                "--calib", str(calib)]
+        argv = [
+            "optimize",
+            str(work / "m.onnx"),
+            "-o",
+            str(work / "out/o.onnx"),
+            "-p",
+            "fold,quantize",
+            "--calib",
+            str(calib),
+        ]
     before = _snapshot(work)
-    p = subprocess.run([sys.executable, "-m", "onnxopt.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120, env={**__import__("os").environ, "ONNXOPT_PROGRESS": "0"})
+    p = subprocess.run(
+        [sys.executable, "-m", "onnxopt.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**__import__("os").environ, "ONNXOPT_PROGRESS": "0"},
+    )
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
     assert _snapshot(work) == before
 
 
-@pytest.mark.parametrize("content,mentions", [(b"", "empty file"), (b"not a zip archive", "not a .npz archive"),
-                                              (None, "holds no arrays")])
+@pytest.mark.parametrize(
+    "content,mentions", [(b"", "empty file"), (b"not a zip archive", "not a .npz archive"), (None, "holds no arrays")]
+)
 @pytest.mark.parametrize("layout", ["file", "directory"])
 def test_empty_or_non_zip_npz(work, capsys, content, mentions, layout):
     """An empty, non-zip or array-less .npz, alone or in a calibration directory: one line, exit 2."""
@@ -234,5 +316,18 @@ def test_empty_or_non_zip_npz(work, capsys, content, mentions, layout):
         np.savez(target)
     else:
         target.write_bytes(content)
-    assert_user_error(["optimize", str(work / "m.onnx"), "-o", str(work / "out/o.onnx"), "-p", "fold,quantize",
-                       "--calib", str(target if layout == "file" else target.parent)], capsys, work, mentions=mentions)
+    assert_user_error(
+        [
+            "optimize",
+            str(work / "m.onnx"),
+            "-o",
+            str(work / "out/o.onnx"),
+            "-p",
+            "fold,quantize",
+            "--calib",
+            str(target if layout == "file" else target.parent),
+        ],
+        capsys,
+        work,
+        mentions=mentions,
+    )

@@ -7,6 +7,7 @@ to them, for quantize). Peak memory is measured by
 /dev/shm when it has room (the disk write dominates otherwise) and the test
 skips when the machine lacks the memory to hold it a few times over.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -21,7 +22,7 @@ import psutil
 import pytest
 from conftest import ROOT
 
-from bench.big_model import K, SHAPES, make_big_model, model_bytes, outputs
+from bench.big_model import SHAPES, K, make_big_model, model_bytes, outputs
 
 pytestmark = pytest.mark.slow
 NEEDED = 14 * 2**30  # input + output in tmpfs, the optimizer's peak and two onnxruntime sessions, with slack
@@ -42,8 +43,13 @@ def test_fold_fuse_on_a_model_over_2gb_saves_with_external_data(big_dir):
     src = make_big_model(big_dir)
     assert model_bytes(src) > 2**31
     out = big_dir / "out.onnx"
-    p = subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "--quiet"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     assert (big_dir / "out.onnx.data").exists() and out.stat().st_size < 2**20
     onnx.checker.check_model(str(out))
@@ -65,9 +71,28 @@ def test_quantize_on_a_model_over_2gb_saves_and_stays_close(big_dir):
     for i in range(4):
         np.savez(calib / f"{i}.npz", x=rng.standard_normal((1, k), dtype=np.float32))
     out, report = big_dir / "q.onnx", big_dir / "q.json"
-    p = subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "-p",
-                        "fold,quantize", "--calib", str(calib), "--report", str(report), "--quiet"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxopt.cli",
+            "optimize",
+            str(src),
+            "-o",
+            str(out),
+            "-p",
+            "fold,quantize",
+            "--calib",
+            str(calib),
+            "--report",
+            str(report),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr
     import json
 

@@ -1,4 +1,5 @@
 """Calibration: streamed, mergeable statistics in flat memory, varying shapes, the disk cache, range methods."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -8,8 +9,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxopt import calibration
-from onnxopt.calibration import activation_histograms, observe
+from onnxopt.data import calibration
+from onnxopt.data.calibration import activation_histograms, observe
 from onnxopt.kernels.observers import HistogramObserver
 from onnxopt.kernels.ranges import range_entropy, range_minmax, range_mse, range_percentile
 
@@ -82,6 +83,7 @@ def _counting(monkeypatch) -> list[int]:
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(calibration, "observe", counted)
     return calls
 
@@ -115,8 +117,11 @@ def test_range_methods_differ_on_heavy_tailed_data():
     hist = activation_histograms(_model(), list(_samples(8, heavy=True)), ["a"], cache=False)["a"]
     lo, hi = range_minmax(hist)
     widths = {"minmax": hi - lo}
-    for name, (a, b) in {"percentile": range_percentile(hist, 99.9), "entropy": range_entropy(hist, symmetric=False),
-                         "mse": range_mse(hist, symmetric=False)}.items():
+    for name, (a, b) in {
+        "percentile": range_percentile(hist, 99.9),
+        "entropy": range_entropy(hist, symmetric=False),
+        "mse": range_mse(hist, symmetric=False),
+    }.items():
         assert lo <= a < 0 < b <= hi, name
         widths[name] = b - a
     assert widths["percentile"] < 0.5 * widths["minmax"] and widths["entropy"] < 0.8 * widths["minmax"]

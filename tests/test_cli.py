@@ -1,4 +1,5 @@
 """The command line: optimize/inspect/passes, exit codes, reports, plugins."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,20 @@ from conftest import ROOT, real_model
 
 from onnxopt.cli import main
 
-ALL_MODELS = ["det", "rec", "cls", "bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
-              "shufflenet", "squeezenet", "vgg19", "zfnet512"]
+ALL_MODELS = [
+    "det",
+    "rec",
+    "cls",
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+]
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -76,8 +89,9 @@ def test_passes_lists_builtins_and_the_example_plugin(capsys):
     out = capsys.readouterr().out
     for name in ("fold", "fuse"):
         assert f"\n{name}\n" in "\n" + out
-    assert "name-nodes  (plugin: onnxopt-example-plugin)" in out, \
+    assert "name-nodes  (plugin: onnxopt-example-plugin)" in out, (
         "install the example plugin: pip install -e examples/plugin"
+    )
 
 
 def test_example_plugin_runs_in_a_pipeline(tmp_path):
@@ -96,8 +110,9 @@ def test_broken_plugin_is_listed_with_its_error_and_the_tool_still_works(tmp_pat
     (dist / "entry_points.txt").write_text("[onnxopt.passes]\nbroken = broken_plugin_mod\n")
     (site / "broken_plugin_mod.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
     env = dict(os.environ, PYTHONPATH=str(site))
-    proc = subprocess.run([sys.executable, "-m", "onnxopt.cli", "passes"], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxopt.cli", "passes"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     assert proc.returncode == 0
     assert "plugin 'broken' failed to load" in proc.stdout and "broken on purpose" in proc.stdout
     assert "\nfold\n" in "\n" + proc.stdout

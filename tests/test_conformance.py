@@ -4,17 +4,22 @@ Every sampled case that onnxruntime passes as given must still pass after
 optimization (no regressions), and the optimizer must not raise on it. The
 full corpus runs in `bench/conformance.py` (report in bench/results/conformance.md).
 """
+
 from __future__ import annotations
 
 import pytest
 
-from onnxopt.conformance import Case, iter_cases, markdown, run_corpus, sample_cases
+from onnxopt.testing.conformance import Case, iter_cases, markdown, run_corpus, sample_cases
 
 #: Cases sampled from the corpus (of ~2000); the whole corpus takes ~1 minute on one free core.
 SAMPLE = 500
 #: Cases that were regressions once; always in the sample.
-PINNED = {"test_identity_opt", "test_if_opt", "test_optional_get_element_optional_sequence",
-          "test_optional_has_element_empty_optional_input"}
+PINNED = {
+    "test_identity_opt",
+    "test_if_opt",
+    "test_optional_get_element_optional_sequence",
+    "test_optional_has_element_empty_optional_input",
+}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 Runs each pass (with calibration data for those that need it) on small real
 graphs; plugins installed in the environment are held to the same contract.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,14 +12,11 @@ import pytest
 from conftest import real_model
 
 import onnxopt
-from onnxopt.graph import import_model, graph_hash
-from onnxopt.data import seeded_inputs
-from onnxopt.pass_base import PassContext
-from onnxopt.registry import all_passes
-from onnxopt.data import CalibrationData
+from onnxopt.data.samples import seeded_inputs
+from onnxopt.framework.registry import all_passes
+from onnxopt.testing import check_pass_contract, tiny_models
 
 #: Passes whose second run may legitimately change the graph again (budgets apply to the current model).
-NOT_IDEMPOTENT = {"prune", "lowrank", "quantize"}
 
 
 def _prepared(name: str) -> onnx.ModelProto:
@@ -33,47 +31,43 @@ def cls_model():
 @pytest.mark.parametrize("pass_name", sorted(all_passes()))
 def test_pass_contract(pass_name, cls_model):
     cls = all_passes()[pass_name]
-    model = onnx.ModelProto()
-    model.CopyFrom(cls_model)
     shapes = {"x": (1, 3, 48, 192)}
-    calib = seeded_inputs(model, 4, seed=0, input_shapes=shapes) if cls.needs_data or pass_name in NOT_IDEMPOTENT \
-        else None
+    calib = seeded_inputs(cls_model, 4, seed=0, input_shapes=shapes) if cls.needs_data or not cls.idempotent else None
     calib = [{k: np.abs(v) for k, v in s.items()} for s in calib] if calib else None
+    check_pass_contract(
+        cls,
+        cls_model,
+        calibration=calib,
+        settings={"input_shapes": shapes},
+        check_outputs=cls.tolerance == "exact",
+    )
 
-    def run_once(m):
-        graph = import_model(m)
-        before = graph_hash(graph)
-        ctx = PassContext(CalibrationData(calib, m) if calib else None, {"input_shapes": shapes})
-        result = cls().run(graph, ctx)
-        onnxopt.graph.cleanup(graph)
-        after = graph_hash(graph)
-        assert result.changed == (before != after), f"{pass_name}: changed={result.changed} but hashes say otherwise"
-        assert result.changed or result.reason.strip(), f"{pass_name} changed nothing and gave no reason"
-        return onnxopt.graph.export_model(graph), result
 
-    out1, _ = run_once(model)
-    onnx.checker.check_model(out1, full_check=True)
-    out2, _ = run_once(model)
-    assert out1.SerializeToString(deterministic=True) == out2.SerializeToString(deterministic=True), \
-        f"{pass_name} is not deterministic"
-    onnxopt.runtime.make_session(out1)
-    if pass_name not in NOT_IDEMPOTENT:
-        _, again = run_once(out1)
-        assert not again.changed, f"{pass_name} changed its own output again (not idempotent)"
+@pytest.mark.parametrize("model_name", sorted(tiny_models()))
+@pytest.mark.parametrize("pass_name", ["fold", "fuse"])
+def test_exact_builtin_passes_keep_the_contract_on_every_tiny_model(pass_name, model_name):
+    check_pass_contract(pass_name, tiny_models()[model_name])
 
 
 def test_pipeline_options_are_parsed_and_checked():
     from onnxopt.errors import UserError
-    from onnxopt.pipeline import build_pipeline, parse_pipeline
+    from onnxopt.framework.pipeline import build_pipeline, parse_pipeline
 
     assert parse_pipeline("simplify") == [("fold", {}), ("fuse", {})]
     assert parse_pipeline("fold{size_limit_mb=2, shapes=false},fuse") == [
-        ("fold", {"size_limit_mb": "2", "shapes": "false"}), ("fuse", {})]
+        ("fold", {"size_limit_mb": "2", "shapes": "false"}),
+        ("fuse", {}),
+    ]
     (fold,) = build_pipeline("fold{size_limit_mb=2,shapes=no}")
     assert fold.options.size_limit_mb == 2.0 and fold.options.shapes is False
-    for bad, words in [("nosuchpass", "unknown pass"), ("fold{nosuch=1}", "unknown option"),
-                       ("fold{size_limit_mb=big}", "expects float"), ("fold{shapes}", "needs a value"),
-                       ("fold{", "cannot parse"), ("", "empty pipeline")]:
+    for bad, words in [
+        ("nosuchpass", "unknown pass"),
+        ("fold{nosuch=1}", "unknown option"),
+        ("fold{size_limit_mb=big}", "expects float"),
+        ("fold{shapes}", "needs a value"),
+        ("fold{", "cannot parse"),
+        ("", "empty pipeline"),
+    ]:
         with pytest.raises(UserError, match=words):
             build_pipeline(bad)
 
@@ -92,8 +86,8 @@ def test_verify_each_names_the_pass_that_broke_the_model():
     import onnx_graphsurgeon as gs
 
     from onnxopt.errors import CheckFailed
-    from onnxopt.manager import PassManager
-    from onnxopt.pass_base import Pass, PassResult
+    from onnxopt.framework.manager import PassManager
+    from onnxopt.framework.pass_api import Pass, PassResult
 
     class Breaker(Pass):
         name = "breaker"

@@ -3,6 +3,7 @@
 Across processes PYTHONHASHSEED differs, so any order taken from a set or dict
 of strings would show up as different bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,14 @@ def test_fold_fuse_is_byte_identical_across_processes(name, tmp_path):
     for seed in ("1", "2"):
         out = tmp_path / f"p{seed}.onnx"
         env = {**os.environ, "PYTHONHASHSEED": seed, "ONNXOPT_PROGRESS": "0"}
-        p = subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "--quiet"],
-                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr
         digests.add(_digest(out))
     assert len(digests) == 1

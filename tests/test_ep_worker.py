@@ -1,4 +1,5 @@
 """The EP worker, its runner and the interpreter resolution: outputs, placement, failures as results."""
+
 from __future__ import annotations
 
 import signal
@@ -11,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxopt.ep import envs
-from onnxopt.ep.runner import WorkerJob, run_worker, write_inputs
+from onnxopt.verify.ep import envs
+from onnxopt.verify.ep.runner import WorkerJob, run_worker, write_inputs
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>

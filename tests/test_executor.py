@@ -1,5 +1,6 @@
 """The local executor (in-process and a process pool): ordering, errors, retries after a dead worker,
 shared objects, and calibration / sensitivity results identical to a single process."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from onnxopt.calibration import observe
+from onnxopt.data.observe import observe
+from onnxopt.data.sharded_calibration import ObserverFactory, shard_bounds, sharded_observe
 from onnxopt.errors import UserError
-from onnxopt.executor import LocalExecutor, add_executor_arguments, executor_from_args, make_executor
-from onnxopt.sharded_calibration import ObserverFactory, shard_bounds, sharded_observe
-
+from onnxopt.runtime.executor import LocalExecutor, add_executor_arguments, executor_from_args, make_executor
 from tests import scale_tasks
 from tests.scale_tasks import tiny_model, tiny_samples
+
 
 @pytest.fixture(scope="module")
 def pool():
@@ -64,11 +65,13 @@ def test_calibration_shards_are_bit_identical(pool, tmp_path):
     single = observe(model, samples, tensors, ObserverFactory())
     for i, s in enumerate(samples):
         np.savez(tmp_path / f"{i:03d}.npz", **s)
-    runs = {"1 process": sharded_observe(model, samples, tensors, LocalExecutor(1)),
-            "1 process, 5 shards, from disk": sharded_observe(model, str(tmp_path), tensors, LocalExecutor(1), shards=5),
-            "2 processes": sharded_observe(model, samples, tensors, pool),
-            "2 processes, from disk": sharded_observe(model, str(tmp_path), tensors, pool),
-            "2 processes, minmax": sharded_observe(model, samples, tensors, pool, ObserverFactory("minmax"))}
+    runs = {
+        "1 process": sharded_observe(model, samples, tensors, LocalExecutor(1)),
+        "1 process, 5 shards, from disk": sharded_observe(model, str(tmp_path), tensors, LocalExecutor(1), shards=5),
+        "2 processes": sharded_observe(model, samples, tensors, pool),
+        "2 processes, from disk": sharded_observe(model, str(tmp_path), tensors, pool),
+        "2 processes, minmax": sharded_observe(model, samples, tensors, pool, ObserverFactory("minmax")),
+    }
     minmax = observe(model, samples, tensors, ObserverFactory("minmax"))
     for name, got in runs.items():
         ref = minmax if "minmax" in name else single
@@ -84,7 +87,9 @@ def test_quantize_sensitivity_same_layers_in_process_and_pool(pool, tmp_path, mo
     two = scale_tasks.quantize_sensitivity(model, samples, pool, target_sqnr=45.0)
     assert one == two
     sens, decisions, _ = one
-    assert sorted(sens) == ["Conv_0", "Conv_2", "Conv_2 (storage)", "Gemm_6"] and all(20 < v < 200 for v in sens.values())
+    assert sorted(sens) == ["Conv_0", "Conv_2", "Conv_2 (storage)", "Gemm_6"] and all(
+        20 < v < 200 for v in sens.values()
+    )
     assert any(not int8 for _, int8, _ in decisions) and any(int8 for _, int8, _ in decisions)
 
 
@@ -97,8 +102,15 @@ def test_optimize_command_runs_quantize_on_the_chosen_executor(tmp_path, monkeyp
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path / "cache"))
     onnx.save(tiny_model(), tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", x=np.concatenate([s["x"] for s in tiny_samples(6)]))
-    args = ["optimize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--quiet", "-p",
-            "quantize{latency_aware=false,check_latency=false,cache=false,sensitivity_samples=4,target_sqnr=45}"]
+    args = [
+        "optimize",
+        str(tmp_path / "m.onnx"),
+        "--calib",
+        str(tmp_path / "calib.npz"),
+        "--quiet",
+        "-p",
+        "quantize{latency_aware=false,check_latency=false,cache=false,sensitivity_samples=4,target_sqnr=45}",
+    ]
     assert main(args + ["-o", str(tmp_path / "one.onnx")]) == 0
     assert main(args + ["-o", str(tmp_path / "two.onnx"), "--workers", "2"]) == 0
     assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "two.onnx").read_bytes()

@@ -1,4 +1,5 @@
 """`onnxopt optimize-many`: manifest parsing, one task per model, summary, exit codes, identical outputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +8,8 @@ import onnx
 import pytest
 
 from onnxopt.cli import main
+from onnxopt.cli.manifest import load_manifest
 from onnxopt.errors import UserError
-from onnxopt.fleet import load_manifest
-
 from tests.conftest import real_model
 from tests.scale_tasks import tiny_model
 
@@ -18,8 +18,10 @@ def write_fleet(tmp: Path, out_dir: str, broken: bool = False) -> Path:
     """A manifest over the tiny model, PP-OCR's classifier and (optionally) a corrupt file."""
     onnx.save(tiny_model(), str(tmp / "tiny.onnx"))
     cls = real_model("cls")
-    entries = ['[[model]]\ninput = "tiny.onnx"\ncheck = 2\n',
-               f'[[model]]\ninput = "{cls}"\nname = "cls"\npipeline = "fold"\ninput_shapes = {{ x = [1, 3, 48, 192] }}\n']
+    entries = [
+        '[[model]]\ninput = "tiny.onnx"\ncheck = 2\n',
+        f'[[model]]\ninput = "{cls}"\nname = "cls"\npipeline = "fold"\ninput_shapes = {{ x = [1, 3, 48, 192] }}\n',
+    ]
     if broken:
         (tmp / "broken.onnx").write_bytes(b"not a model")
         entries.append('[[model]]\ninput = "broken.onnx"\n')
@@ -35,12 +37,14 @@ def test_manifest_paths_defaults_and_errors(tmp_path):
     assert jobs[0].output == str((tmp_path / "out" / "tiny.opt.onnx").resolve())
     assert jobs[1].pipeline == "fold" and jobs[1].input_shapes == {"x": (1, 3, 48, 192)}
     bad = tmp_path / "bad.toml"
-    for text, msg in [('[[model]]\ninput = "missing.onnx"\n', "not found"),
-                      ('[[model]]\ninput = "tiny.onnx"\npipline = "fold"\n', "unknown key"),
-                      ('[[model]]\ninput = "tiny.onnx"\npipeline = "nosuchpass"\n', "model 1"),
-                      ('[[model]]\ninput = "tiny.onnx"\n[[model]]\ninput = "tiny.onnx"\n', "also the output"),
-                      ("[defaults]\n", "no [[model]]"),
-                      ("[[model]\n", "not valid TOML")]:
+    for text, msg in [
+        ('[[model]]\ninput = "missing.onnx"\n', "not found"),
+        ('[[model]]\ninput = "tiny.onnx"\npipline = "fold"\n', "unknown key"),
+        ('[[model]]\ninput = "tiny.onnx"\npipeline = "nosuchpass"\n', "model 1"),
+        ('[[model]]\ninput = "tiny.onnx"\n[[model]]\ninput = "tiny.onnx"\n', "also the output"),
+        ("[defaults]\n", "no [[model]]"),
+        ("[[model]\n", "not valid TOML"),
+    ]:
         bad.write_text(text)
         with pytest.raises(UserError, match=msg.replace("[", r"\[")):
             load_manifest(bad)
@@ -58,8 +62,7 @@ def test_optimize_many_local_1_and_2_processes_byte_identical(tmp_path, capsys):
 
 
 def test_a_failing_model_is_a_row_and_exit_1(tmp_path, capsys):
-    code = main(["optimize-many", str(write_fleet(tmp_path, "out", broken=True)), "--report",
-                 str(tmp_path / "r.json")])
+    code = main(["optimize-many", str(write_fleet(tmp_path, "out", broken=True)), "--report", str(tmp_path / "r.json")])
     captured = capsys.readouterr()
     assert code == 1
     assert "2/3 models ok" in captured.out and "broken: error" in captured.err

@@ -1,4 +1,5 @@
 """The `fold` pass: what must fold, what must not, and that outputs stay exact."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -91,17 +92,25 @@ def test_int8_weight_storage_is_not_expanded_but_small_int8_casts_fold():
     """Cast(int8 weight) -> Mul(scale) is quantize's int8 storage: folding it would make the file 4x
     bigger again. A small int8 constant (under 1024 values) still folds."""
     from onnx import helper, numpy_helper
+
     rng = np.random.default_rng(0)
     big = numpy_helper.from_array(rng.integers(-127, 128, (64, 32)).astype(np.int8), "wq")
     small = numpy_helper.from_array(rng.integers(-127, 128, (32,)).astype(np.int8), "bq")
     scale = numpy_helper.from_array(np.full((1, 32), 0.01, np.float32), "s")
-    nodes = [helper.make_node("Cast", ["wq"], ["wf"], to=onnx.TensorProto.FLOAT),
-             helper.make_node("Mul", ["wf", "s"], ["w"]),
-             helper.make_node("Cast", ["bq"], ["b"], to=onnx.TensorProto.FLOAT),
-             helper.make_node("MatMul", ["x", "w"], ["h"]),
-             helper.make_node("Add", ["h", "b"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])], [big, small, scale])
+    nodes = [
+        helper.make_node("Cast", ["wq"], ["wf"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["wf", "s"], ["w"]),
+        helper.make_node("Cast", ["bq"], ["b"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
+        [big, small, scale],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     out = fold(m)
     assert ops(out).count("Cast") == 1 and "Mul" in ops(out)
@@ -196,7 +205,7 @@ def test_folds_inside_loop_body_without_breaking_it():
 def test_long_out_of_order_chain_sorts_without_recursion_error():
     import onnx_graphsurgeon as gs
 
-    from onnxopt.graph import export_model, toposort
+    from onnxopt.ir.graph import export_model, toposort
 
     x = gs.Variable("x", dtype=np.float32, shape=[1])
     nodes, cur = [], x
@@ -223,13 +232,15 @@ def test_fold_is_idempotent_on_real_model(size_limit):
 def test_a_cycle_is_reported_with_the_nodes_on_it():
     import onnx_graphsurgeon as gs
 
-    from onnxopt.graph import toposort
+    from onnxopt.ir.graph import toposort
 
     x = gs.Variable("x", dtype=np.float32, shape=[1])
     a, b, c = (gs.Variable(n, dtype=np.float32, shape=[1]) for n in "abc")
-    nodes = [gs.Node("Add", name="first", inputs=[x, c], outputs=[a]),
-             gs.Node("Relu", name="second", inputs=[a], outputs=[b]),
-             gs.Node("Neg", name="third", inputs=[b], outputs=[c])]
+    nodes = [
+        gs.Node("Add", name="first", inputs=[x, c], outputs=[a]),
+        gs.Node("Relu", name="second", inputs=[a], outputs=[b]),
+        gs.Node("Neg", name="third", inputs=[b], outputs=[c]),
+    ]
     g = gs.Graph(nodes=nodes, inputs=[x], outputs=[c], opset=15)
     with pytest.raises(ValueError, match="cycle: .*(first|second|third) -> .*(first|second|third)"):
         toposort(g)

@@ -1,6 +1,7 @@
 """`fold` on inputs it was never tuned for: integer semantics, control flow, odd dtypes and constants,
 overridable initializers, odd options. Each test is a small model with the structure of a defect found
 on real models (issue #14); each checks validity and values against onnxruntime on the original."""
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,9 @@ from onnx import helper, numpy_helper
 
 import onnxopt
 from onnxopt.cli import main as cli_main
-from onnxopt.graph import export_model, import_model
-from onnxopt.pass_base import PassContext
-from onnxopt.passes.fold import FoldConstants
+from onnxopt.framework.context import PassContext
+from onnxopt.ir.graph import export_model, import_model
+from onnxopt.passes.fold.folding import FoldConstants
 
 
 def fold(model: onnx.ModelProto, pipeline: str = "fold") -> onnx.ModelProto:
@@ -32,6 +33,7 @@ def same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.nda
 
 
 # --- integer arithmetic: ONNX semantics, not Python's -------------------------------------------
+
 
 def test_uint8_constant_arithmetic_wraps_and_keeps_its_dtype():
     m = parse("""
@@ -67,7 +69,7 @@ def test_int32_shape_arithmetic_stays_int32_and_wraps():
 
 @pytest.mark.parametrize("source", ["shape", "initializer"])
 def test_negative_integer_division_truncates_and_mod_follows_fmod(source):
-    a = 'a = Shape <end = 1> (x)' if source == "shape" else 'a = Constant <value = int64[1] {7}> ()'
+    a = "a = Shape <end = 1> (x)" if source == "shape" else "a = Constant <value = int64[1] {7}> ()"
     m = parse(f"""
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[7, 3] x, int64[3] z) => (int64[3] y) {{
@@ -121,23 +123,33 @@ def test_integer_division_that_traps_in_the_runtime_is_left_alone():
 
 # --- If: inlining renames, never copies weights ------------------------------------------------
 
+
 def _if_model(cond: bool, weight: np.ndarray | None = None) -> onnx.ModelProto:
     """Two Ifs whose branches use the same node and tensor names as the main graph and each other."""
+
     def branch(name: str, op: str) -> onnx.GraphProto:
         nodes = [helper.make_node(op, ["x", "W"], ["t"], name="n"), helper.make_node("Relu", ["t"], ["r"], name="n2")]
         return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("r", TP.FLOAT, None)])
 
     w = weight if weight is not None else np.full((4, 4), 0.5, np.float32)
-    nodes = [helper.make_node("Constant", [], ["c"], name="c", value=numpy_helper.from_array(np.array(cond))),
-             helper.make_node("If", ["c"], ["y1"], name="if1", then_branch=branch("a", "MatMul"),
-                              else_branch=branch("b", "Add")),
-             helper.make_node("If", ["c"], ["y2"], name="if2", then_branch=branch("c2", "Add"),
-                              else_branch=branch("d", "Mul")),
-             helper.make_node("Add", ["y1", "y2"], ["y"], name="n")]
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="c", value=numpy_helper.from_array(np.array(cond))),
+        helper.make_node(
+            "If", ["c"], ["y1"], name="if1", then_branch=branch("a", "MatMul"), else_branch=branch("b", "Add")
+        ),
+        helper.make_node(
+            "If", ["c"], ["y2"], name="if2", then_branch=branch("c2", "Add"), else_branch=branch("d", "Mul")
+        ),
+        helper.make_node("Add", ["y1", "y2"], ["y"], name="n"),
+    ]
     n = w.shape[0]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [n, n])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [n, n])],
-                          [numpy_helper.from_array(w, "W")])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [n, n])],
+        [numpy_helper.from_array(w, "W")],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -201,13 +213,19 @@ def test_round_trip_keeps_a_weight_used_in_main_graph_and_body_once():
 
 # --- constants gs or numpy cannot hold as they are ---------------------------------------------
 
+
 def test_sparse_constant_is_kept_intact():
-    sp = helper.make_sparse_tensor(numpy_helper.from_array(np.array([5.0], np.float32), "v"),
-                                   numpy_helper.from_array(np.array([1], np.int64), "i"), [3])
-    g = helper.make_graph([helper.make_node("Constant", [], ["c"], sparse_value=sp),
-                           helper.make_node("Add", ["x", "c"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TP.FLOAT, [3])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [3])])
+    sp = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([5.0], np.float32), "v"),
+        numpy_helper.from_array(np.array([1], np.int64), "i"),
+        [3],
+    )
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], sparse_value=sp), helper.make_node("Add", ["x", "c"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [3])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     out = fold(m)
     const = next(n for n in out.graph.node if n.op_type == "Constant")
@@ -217,14 +235,19 @@ def test_sparse_constant_is_kept_intact():
 
 def test_string_constants_fold_exactly():
     g = helper.make_graph(
-        [helper.make_node("Constant", [], ["c"], value_strings=["a", "bé"]),
-         helper.make_node("Constant", [], ["d"], value_string="q"),
-         helper.make_node("Constant", [], ["e"], value=helper.make_tensor("e", TP.STRING, [1], [b"r"])),
-         helper.make_node("Unsqueeze", ["d", "ax"], ["d1"]),
-         helper.make_node("Concat", ["c", "d1", "e"], ["k"], axis=0),
-         helper.make_node("Concat", ["x", "k"], ["y"], axis=0)], "g",
-        [helper.make_tensor_value_info("x", TP.STRING, [1])], [helper.make_tensor_value_info("y", TP.STRING, [5])],
-        [numpy_helper.from_array(np.array([0], np.int64), "ax")])
+        [
+            helper.make_node("Constant", [], ["c"], value_strings=["a", "bé"]),
+            helper.make_node("Constant", [], ["d"], value_string="q"),
+            helper.make_node("Constant", [], ["e"], value=helper.make_tensor("e", TP.STRING, [1], [b"r"])),
+            helper.make_node("Unsqueeze", ["d", "ax"], ["d1"]),
+            helper.make_node("Concat", ["c", "d1", "e"], ["k"], axis=0),
+            helper.make_node("Concat", ["x", "k"], ["y"], axis=0),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TP.STRING, [1])],
+        [helper.make_tensor_value_info("y", TP.STRING, [5])],
+        [numpy_helper.from_array(np.array([0], np.int64), "ax")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     out = fold(m)
     assert ops(out) == ["Concat"]
@@ -239,13 +262,21 @@ EXOTIC = [TP.BFLOAT16, TP.FLOAT8E4M3FN, TP.FLOAT8E5M2, TP.INT4, TP.UINT4]
 @pytest.mark.parametrize("elem", EXOTIC, ids=[TP.DataType.Name(t) for t in EXOTIC])
 def test_types_numpy_cannot_hold_are_kept_exactly(elem, as_node):
     t = helper.make_tensor("c", elem, [4], [1, 2, 3, 4])
-    nodes = [helper.make_node("Cast", ["c"], ["cf"], to=TP.FLOAT), helper.make_node("Add", ["x", "cf"], ["y"]),
-             helper.make_node("Cast", ["x"], ["xb"], to=elem), helper.make_node("Cast", ["xb"], ["y2"], to=TP.FLOAT)]
+    nodes = [
+        helper.make_node("Cast", ["c"], ["cf"], to=TP.FLOAT),
+        helper.make_node("Add", ["x", "cf"], ["y"]),
+        helper.make_node("Cast", ["x"], ["xb"], to=elem),
+        helper.make_node("Cast", ["xb"], ["y2"], to=TP.FLOAT),
+    ]
     if as_node:
         nodes.insert(0, helper.make_node("Constant", [], ["c"], value=t))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [4])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [4]),
-                           helper.make_tensor_value_info("y2", TP.FLOAT, [4])], [] if as_node else [t])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [4]), helper.make_tensor_value_info("y2", TP.FLOAT, [4])],
+        [] if as_node else [t],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     onnx.checker.check_model(m, full_check=True)
     out = fold(m, "fold,fuse")
@@ -256,12 +287,16 @@ def test_types_numpy_cannot_hold_are_kept_exactly(elem, as_node):
 
 # --- overridable initializers -------------------------------------------------------------------
 
+
 def test_overridable_initializer_stays_an_input_with_its_default(tmp_path):
     b = numpy_helper.from_array(np.full(3, 2, np.float32), "B")
-    g = helper.make_graph([helper.make_node("Mul", ["B", "B"], ["b2"]), helper.make_node("Add", ["x", "b2"], ["y"])],
-                          "g", [helper.make_tensor_value_info("B", TP.FLOAT, [3]),
-                                helper.make_tensor_value_info("x", TP.FLOAT, [3])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [3])], [b])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["B", "B"], ["b2"]), helper.make_node("Add", ["x", "b2"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("B", TP.FLOAT, [3]), helper.make_tensor_value_info("x", TP.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [3])],
+        [b],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     result = onnxopt.optimize(m, pipeline="fold,fuse")
     out = result.model
@@ -282,6 +317,7 @@ def test_overridable_initializer_stays_an_input_with_its_default(tmp_path):
 
 
 # --- control flow bodies ------------------------------------------------------------------------
+
 
 def test_loop_carried_value_is_not_folded_but_outer_constants_inside_the_body_are():
     m = parse("""
@@ -322,6 +358,7 @@ def test_scan_state_is_not_treated_as_a_constant():
 
 
 # --- options and signature details ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", [math.inf, math.nan, -1.0, 0.0])
 def test_odd_size_limits_do_not_crash(size):
@@ -377,24 +414,33 @@ def test_bytes_added_by_folding_a_generator_are_reported():
     assert ops(result.model) == ["Add"]
     added = result.report["passes"][0]["stats"]["constant_bytes_added"]
     assert added == 1000 * 100 * 4 - 100 * 4 - 2 * 8
-    plain = onnxopt.optimize(parse("""
+    plain = onnxopt.optimize(
+        parse("""
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[2] x) => (float[2] y) {
         a = Constant <value = float[2] {1, 2}> ()
         b = Mul (a, a)
         y = Add (x, b)
-    }"""), pipeline="fold")
+    }"""),
+        pipeline="fold",
+    )
     assert "constant_bytes_added" not in plain.report["passes"][0]["stats"]
 
 
 def test_shape_of_an_overridable_initializer_with_a_dynamic_declared_shape_is_not_folded():
     b = numpy_helper.from_array(np.zeros(3, np.float32), "B")
-    nodes = [helper.make_node("Shape", ["B"], ["s"]), helper.make_node("Cast", ["s"], ["sf"], to=TP.FLOAT),
-             helper.make_node("Add", ["x", "sf"], ["y"])]
-    g = helper.make_graph(nodes, "g",
-                          [helper.make_tensor_value_info("x", TP.FLOAT, [1]),
-                           helper.make_tensor_value_info("B", TP.FLOAT, ["n"])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [1])], [b])
+    nodes = [
+        helper.make_node("Shape", ["B"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TP.FLOAT),
+        helper.make_node("Add", ["x", "sf"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [1]), helper.make_tensor_value_info("B", TP.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [1])],
+        [b],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     out = fold(m)
     assert "Shape" in ops(out)  # B may be fed with another length
@@ -403,12 +449,16 @@ def test_shape_of_an_overridable_initializer_with_a_dynamic_declared_shape_is_no
 
 
 def test_inference_keeps_the_declared_shape_of_an_overridable_initializer():
-    from onnxopt.shapes import infer_tensor_info
+    from onnxopt.analysis.shapes import infer_tensor_info
 
     b = numpy_helper.from_array(np.zeros(3, np.float32), "B")
-    g = helper.make_graph([helper.make_node("Relu", ["B"], ["y"])], "g",
-                          [helper.make_tensor_value_info("B", TP.FLOAT, ["n"])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, ["n"])], [b])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["B"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("B", TP.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["n"])],
+        [b],
+    )
     info = infer_tensor_info(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert info["B"].shape == ("n",)
 
@@ -419,16 +469,21 @@ def test_folding_a_shared_weight_in_each_branch_does_not_copy_it(tmp_path):
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
 
     def branch(name: str) -> onnx.GraphProto:
-        nodes = [helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], np.int64))),
-                 helper.make_node("Unsqueeze", ["W", "ax"], ["u"]),
-                 helper.make_node("Add", ["x", "u"], ["r"])]
+        nodes = [
+            helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], np.int64))),
+            helper.make_node("Unsqueeze", ["W", "ax"], ["u"]),
+            helper.make_node("Add", ["x", "u"], ["r"]),
+        ]
         return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("r", TP.FLOAT, None)])
 
     nodes = [helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("a"), else_branch=branch("b"))]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("c", TP.BOOL, []),
-                                       helper.make_tensor_value_info("x", TP.FLOAT, [1, 64, 64])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [1, 64, 64])],
-                          [numpy_helper.from_array(w, "W")])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("c", TP.BOOL, []), helper.make_tensor_value_info("x", TP.FLOAT, [1, 64, 64])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [1, 64, 64])],
+        [numpy_helper.from_array(w, "W")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(m, src)
@@ -443,7 +498,8 @@ def test_slices_of_one_weight_that_all_fold_are_folded():
     """Every reader of the weight folds (the gate chunks of an LSTM weight sliced apart): the weight goes,
     nothing is copied, so the shared-constant rule must not stop it."""
     w = np.random.default_rng(0).standard_normal((8, 64, 16)).astype(np.float32)
-    m = parse("""
+    m = parse(
+        """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[4, 32] x) => (float[4, 16] y) <float[8, 64, 16] W = {%s}> {
         s0 = Constant <value = int64[1] {0}> ()
@@ -457,7 +513,9 @@ def test_slices_of_one_weight_that_all_fold_are_folded():
         s32 = Constant <value = int64[1] {32}> ()
         top = Slice (t, s0, s32, s0)
         y = MatMul (x, top)
-    }""" % ",".join(f"{v:.6g}" for v in w.reshape(-1)))
+    }"""  # noqa: UP031  %-format: the ONNX text is full of braces
+        % ",".join(f"{v:.6g}" for v in w.reshape(-1))
+    )
     out = fold(m)
     assert ops(out) == ["MatMul"]
     assert _weight_bytes(out) < w.nbytes
@@ -484,8 +542,15 @@ def test_a_body_reading_a_static_dim_of_an_outer_input_folds_its_if():
     assert not [n for b in bodies for n in b.node if n.op_type == "If"]
     rng = np.random.default_rng(0)
     for c in (True, False):
-        same_outputs(m, out, {"c": np.array(c), "state": rng.standard_normal((2, 3, 4)).astype(np.float32),
-                              "x": rng.standard_normal((3, 4)).astype(np.float32)})
+        same_outputs(
+            m,
+            out,
+            {
+                "c": np.array(c),
+                "state": rng.standard_normal((2, 3, 4)).astype(np.float32),
+                "x": rng.standard_normal((3, 4)).astype(np.float32),
+            },
+        )
 
 
 def test_the_branch_not_taken_stops_reading_outer_weights():
@@ -494,18 +559,27 @@ def test_the_branch_not_taken_stops_reading_outer_weights():
     w = np.random.default_rng(0).standard_normal((8, 32, 16)).astype(np.float32)
 
     def branch(name: str, start: int) -> onnx.GraphProto:
-        nodes = [helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([start], np.int64))),
-                 helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(np.array([start + 4]))),
-                 helper.make_node("Slice", ["W", "s", "e"], ["part"]),
-                 helper.make_node("ReduceSum", ["part", "s0"], ["r"], keepdims=0),
-                 helper.make_node("Add", ["x", "r"], ["o"])]
+        nodes = [
+            helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array([start], np.int64))),
+            helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(np.array([start + 4]))),
+            helper.make_node("Slice", ["W", "s", "e"], ["part"]),
+            helper.make_node("ReduceSum", ["part", "s0"], ["r"], keepdims=0),
+            helper.make_node("Add", ["x", "r"], ["o"]),
+        ]
         return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("o", TP.FLOAT, None)])
 
-    nodes = [helper.make_node("Constant", [], ["s0"], value=numpy_helper.from_array(np.array([0], np.int64))),
-             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
-             helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("a", 0), else_branch=branch("b", 4))]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [32, 16])],
-                          [helper.make_tensor_value_info("y", TP.FLOAT, [32, 16])], [numpy_helper.from_array(w, "W")])
+    nodes = [
+        helper.make_node("Constant", [], ["s0"], value=numpy_helper.from_array(np.array([0], np.int64))),
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+        helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("a", 0), else_branch=branch("b", 4)),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [32, 16])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [32, 16])],
+        [numpy_helper.from_array(w, "W")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     out = fold(m)
     assert ops(out) == ["Add"] and _weight_bytes(out) < w.nbytes

@@ -7,6 +7,7 @@ folded model must run to the same values and dtype as the original, and the op
 must have been folded away. Op/dtype pairs onnxruntime has no kernel for are
 left out (there is nothing to compare against).
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,9 +22,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 
-DTYPES = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8, np.int16: TensorProto.INT16,
-          np.int32: TensorProto.INT32, np.int64: TensorProto.INT64, np.uint32: TensorProto.UINT32,
-          np.uint64: TensorProto.UINT64}
+DTYPES = {
+    np.int8: TensorProto.INT8,
+    np.uint8: TensorProto.UINT8,
+    np.int16: TensorProto.INT16,
+    np.int32: TensorProto.INT32,
+    np.int64: TensorProto.INT64,
+    np.uint32: TensorProto.UINT32,
+    np.uint64: TensorProto.UINT64,
+}
 BINARY = ("Add", "Sub", "Mul", "Div", "Mod", "Mod1", "Max", "Min")
 UNARY = ("Neg", "Abs")
 SHAPE_OPS = ("Concat", "Gather", "Slice", "Unsqueeze", "Squeeze", "Reshape")
@@ -49,13 +56,14 @@ def runtime_supports(op: str, dtype: type) -> bool:
     a = helper.make_tensor_value_info("a", elem, [1])
     b = helper.make_tensor_value_info("b", elem, [1])
     inputs = [a] if op in UNARY else [a, b]
-    g = helper.make_graph([_node(op, [i.name for i in inputs], "y")], "probe", inputs,
-                          [helper.make_tensor_value_info("y", elem, None)])
+    g = helper.make_graph(
+        [_node(op, [i.name for i in inputs], "y")], "probe", inputs, [helper.make_tensor_value_info("y", elem, None)]
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
     try:
         feeds = {i.name: np.array([1], dtype) for i in inputs}
         run_model(model, feeds)
-    except Exception:
+    except Exception:  # noqa: BLE001  onnxruntime's errors share no base class: any failure means unsupported
         return False
     return True
 
@@ -118,8 +126,11 @@ def test_integer_elementwise_folds_like_onnxruntime(source, data):
         dims = data.draw(st.lists(st.integers(0, 300), min_size=n, max_size=n), label="dims")
         a = [int(np.array(d).astype(dtype)) for d in dims]
         b = _safe_divisors(op, a, data.draw(_values(dtype, n), label="b"), dtype)
-        nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["a"], to=elem),
-                 _node(op, ["a"] if unary else ["a", "b"], "t")]
+        nodes = [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Cast", ["s"], ["a"], to=elem),
+            _node(op, ["a"] if unary else ["a", "b"], "t"),
+        ]
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
         model = _model(nodes, [x], "t", elem, [] if unary else [numpy_helper.from_array(np.array(b, dtype), "b")])
         feeds["x"] = np.zeros(dims, np.float32)
@@ -156,15 +167,21 @@ def test_integer_shape_ops_fold_like_onnxruntime(data):
         start = data.draw(st.integers(-n - 1, n + 1), label="start")
         end = data.draw(st.integers(-n - 1, n + 1), label="end")
         step = data.draw(st.sampled_from([1, 2, -1, -2]), label="step")
-        inits += [numpy_helper.from_array(i64([v]), k)
-                  for k, v in (("st", start), ("en", end), ("ax", 0), ("sp", step))]
-        tail = [helper.make_node("Slice", ["a", "st", "en", "ax", "sp"], ["s1"]),
-                helper.make_node("Concat", ["s1", "a"], ["t"], axis=0)]  # keeps an empty slice a valid Concat input
+        inits += [
+            numpy_helper.from_array(i64([v]), k) for k, v in (("st", start), ("en", end), ("ax", 0), ("sp", step))
+        ]
+        tail = [
+            helper.make_node("Slice", ["a", "st", "en", "ax", "sp"], ["s1"]),
+            helper.make_node("Concat", ["s1", "a"], ["t"], axis=0),
+        ]  # keeps an empty slice a valid Concat input
     elif op in ("Unsqueeze", "Squeeze"):
         k = data.draw(st.integers(-n, n - 1), label="k")
         inits += [numpy_helper.from_array(i64([k]), "k"), numpy_helper.from_array(i64([0]), "ax")]
-        tail = [_node("Gather", ["a", "k"], "g"), helper.make_node("Squeeze", ["g", "ax"], ["q"]),
-                helper.make_node("Unsqueeze", ["q", "ax"], ["t"])]
+        tail = [
+            _node("Gather", ["a", "k"], "g"),
+            helper.make_node("Squeeze", ["g", "ax"], ["q"]),
+            helper.make_node("Unsqueeze", ["q", "ax"], ["t"]),
+        ]
     else:  # Reshape of an integer constant vector to [n, 1] and back
         inits += [numpy_helper.from_array(i64([n, 1]), "s2"), numpy_helper.from_array(i64([-1]), "s1")]
         tail = [helper.make_node("Reshape", ["a", "s2"], ["r"]), helper.make_node("Reshape", ["r", "s1"], ["t"])]

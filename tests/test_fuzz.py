@@ -7,6 +7,7 @@ batches 2, 3 and 1 (rtol 1e-4, atol 1e-5). CI runs a derandomized profile;
 ONNXOPT_FUZZ=deep runs many more examples. A failure hypothesis shrinks goes
 into tests/regressions/ as a plain test.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,17 @@ import os
 from fuzz_graphs import Spec, assert_same_outputs, build, specs
 from hypothesis import HealthCheck, given, settings
 
-settings.register_profile("onnxopt-ci", max_examples=150, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("onnxopt-deep", max_examples=1000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "onnxopt-ci",
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "onnxopt-deep", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 PROFILE = "onnxopt-deep" if os.environ.get("ONNXOPT_FUZZ") == "deep" else "onnxopt-ci"
 
 
@@ -40,10 +48,26 @@ def test_lowrank_at_full_rank_keeps_outputs(spec: Spec):
 
 
 def test_generated_graphs_cover_every_op():
-    ops = {n.op_type for s in ("conv", "bn", "add", "mul", "relu", "concat", "transpose", "reshape")
-           for n in build(Spec(ops=(s, "gemm", "matmul", "bn", "concat"), const_expr=True)).graph.node}
-    assert {"Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Concat", "Reshape", "Transpose",
-            "BatchNormalization", "Shape", "Gather", "Constant"} <= ops
+    ops = {
+        n.op_type
+        for s in ("conv", "bn", "add", "mul", "relu", "concat", "transpose", "reshape")
+        for n in build(Spec(ops=(s, "gemm", "matmul", "bn", "concat"), const_expr=True)).graph.node
+    }
+    assert {
+        "Conv",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Mul",
+        "Relu",
+        "Concat",
+        "Reshape",
+        "Transpose",
+        "BatchNormalization",
+        "Shape",
+        "Gather",
+        "Constant",
+    } <= ops
 
 
 def test_exact_prune_removes_dead_channels():

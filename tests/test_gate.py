@@ -2,6 +2,7 @@
 loads in onnxruntime; what fails is not written and the CLI exits 3 with a reproducer. Also the
 export fixes that keep signatures whole, input-caused check failures (exit 2, `--input-value`) and
 Sequence inputs/outputs under `--check`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +14,12 @@ from conftest import parse, run_model
 from onnx import TensorProto, helper
 
 import onnxopt
-from onnxopt import registry
-from onnxopt.cli import main, save_reproducer
+from onnxopt.cli import main
+from onnxopt.cli.errors import save_reproducer
 from onnxopt.errors import UserError
-from onnxopt.model_io import GateFailed, Reference, gate, signature, signature_changes
-from onnxopt.pass_base import Pass, PassResult
+from onnxopt.framework import registry
+from onnxopt.framework.pass_api import Pass, PassResult
+from onnxopt.verify.gate import GateFailed, Reference, gate, signature, signature_changes
 
 
 def _seqlen_model() -> onnx.ModelProto:
@@ -26,8 +28,10 @@ def _seqlen_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seqlen"], doc_string="audio frames")
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seqlen"])
     c = helper.make_tensor("c", TensorProto.FLOAT, [1], [2.0])
-    nodes = [helper.make_node("Mul", ["x", "c"], ["t"], name="scale", doc_string="scales the input"),
-             helper.make_node("Relu", ["t"], ["y"], name="relu")]
+    nodes = [
+        helper.make_node("Mul", ["x", "c"], ["t"], name="scale", doc_string="scales the input"),
+        helper.make_node("Relu", ["t"], ["y"], name="relu"),
+    ]
     g = helper.make_graph(nodes, "g", [x], [y], [c], doc_string="graph doc")
     g.value_info.append(helper.make_value_info("y", helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], doc_string="model doc")
@@ -42,8 +46,9 @@ def _dims(vi: onnx.ValueInfoProto) -> list:
 def test_output_in_value_info_without_shape_keeps_its_shape(tmp_path, capsys):
     onnx.save(_seqlen_model(), str(tmp_path / "m.onnx"))
     out = tmp_path / "o.onnx"
-    assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(out), "-p", "fold,fuse", "--check", "2",
-                 "--quiet"]) == 0
+    assert (
+        main(["optimize", str(tmp_path / "m.onnx"), "-o", str(out), "-p", "fold,fuse", "--check", "2", "--quiet"]) == 0
+    )
     m = onnx.load(str(out))
     onnx.checker.check_model(m, full_check=True)
     assert m.graph.output[0].type.tensor_type.HasField("shape") and _dims(m.graph.output[0]) == [1, "seqlen"]
@@ -87,15 +92,27 @@ def bad_passes(monkeypatch):
         monkeypatch.setitem(registry.PASS_ORIGINS, name, "tests")
 
 
-@pytest.mark.parametrize("pipeline,mentions", [("fold,test_corrupt_signature", "signature"),
-                                               ("fold,test_break_model", "checker")])
-def test_gate_failure_exits_3_writes_nothing_and_saves_a_reproducer(pipeline, mentions, bad_passes, tmp_path,
-                                                                     monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "pipeline,mentions", [("fold,test_corrupt_signature", "signature"), ("fold,test_break_model", "checker")]
+)
+def test_gate_failure_exits_3_writes_nothing_and_saves_a_reproducer(
+    pipeline, mentions, bad_passes, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("ONNXOPT_HOME", str(tmp_path / "home"))
     onnx.save(_seqlen_model(), str(tmp_path / "m.onnx"))
     (tmp_path / "out").mkdir()
-    code = main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out" / "o.onnx"), "-p", pipeline,
-                 "--report", str(tmp_path / "out" / "r.json")])
+    code = main(
+        [
+            "optimize",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "out" / "o.onnx"),
+            "-p",
+            pipeline,
+            "--report",
+            str(tmp_path / "out" / "r.json"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3, err
     assert len(err) == 1 and mentions in err[0] and "nothing written" in err[0], err
@@ -115,17 +132,24 @@ def test_optimize_many_gate_failure_exits_3(bad_passes, tmp_path, monkeypatch, c
     monkeypatch.setenv("ONNXOPT_HOME", str(tmp_path / "home"))
     onnx.save(_seqlen_model(), str(tmp_path / "a.onnx"))
     onnx.save(_seqlen_model(), str(tmp_path / "b.onnx"))
-    (tmp_path / "fleet.toml").write_text('[defaults]\noutput_dir = "out"\n[[model]]\ninput = "a.onnx"\n'
-                                         '[[model]]\ninput = "b.onnx"\npipeline = "fold,test_corrupt_signature"\n')
+    (tmp_path / "fleet.toml").write_text(
+        '[defaults]\noutput_dir = "out"\n[[model]]\ninput = "a.onnx"\n'
+        '[[model]]\ninput = "b.onnx"\npipeline = "fold,test_corrupt_signature"\n'
+    )
     assert main(["optimize-many", str(tmp_path / "fleet.toml")]) == 3
     assert "b: rejected" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.opt.onnx"]
 
 
 def _sig(inputs, outputs):
-    m = helper.make_model(helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", *inputs)], [helper.make_tensor_value_info("y", *outputs)]))
+    m = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", *inputs)],
+            [helper.make_tensor_value_info("y", *outputs)],
+        )
+    )
     return signature(m)
 
 
@@ -185,15 +209,19 @@ def test_original_failing_on_generated_inputs_is_a_user_error(tmp_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
     assert main([*argv, "--input-value", "sr=8000", "--quiet"]) == 0
     assert main([*argv, "--input-value", "sr=16000", "--quiet"]) == 0
-    for bad, mentions in (("sr=8000.5", "whole numbers"), ("rate=8000", "no input"), ("sr", "NAME=VALUE"),
-                          ("sr=abc", "NAME=VALUE")):
+    for bad, mentions in (
+        ("sr=8000.5", "whole numbers"),
+        ("rate=8000", "no input"),
+        ("sr", "NAME=VALUE"),
+        ("sr=abc", "NAME=VALUE"),
+    ):
         capsys.readouterr()
         assert main([*argv, "--input-value", bad]) == 2, bad
         assert mentions in capsys.readouterr().err
 
 
 def test_input_values_are_cast_and_broadcast():
-    from onnxopt.data import parse_input_values, seeded_inputs
+    from onnxopt.data.samples import parse_input_values, seeded_inputs
 
     m = parse("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[1, n] x, int64 sr, int32[3] ids) => (float[1, n] y) { y = Relu (x) }""")
@@ -207,8 +235,12 @@ g (float[1, n] x, int64 sr, int32[3] ids) => (float[1, n] y) { y = Relu (x) }"""
 
 def test_original_failing_on_calibration_data_is_a_user_error():
     with pytest.raises(UserError, match="fails on the calibration data"):
-        onnxopt.optimize(parse(SR_MODEL), pipeline="fold", check=1,
-                         calibration=[{"x": np.ones((1, 64), np.float32), "sr": np.array(3, np.int64)}])
+        onnxopt.optimize(
+            parse(SR_MODEL),
+            pipeline="fold",
+            check=1,
+            calibration=[{"x": np.ones((1, 64), np.float32), "sr": np.array(3, np.int64)}],
+        )
 
 
 def _sequence_model() -> onnx.ModelProto:
@@ -216,8 +248,10 @@ def _sequence_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     so = helper.make_tensor_sequence_value_info("so", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
-    nodes = [helper.make_node("SequenceInsert", ["s", "x"], ["so"], name="insert"),
-             helper.make_node("ConcatFromSequence", ["so"], ["y"], axis=0, name="concat")]
+    nodes = [
+        helper.make_node("SequenceInsert", ["s", "x"], ["so"], name="insert"),
+        helper.make_node("ConcatFromSequence", ["so"], ["y"], axis=0, name="concat"),
+    ]
     m = helper.make_model(helper.make_graph(nodes, "g", [s, x], [so, y]), opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -225,8 +259,21 @@ def _sequence_model() -> onnx.ModelProto:
 
 def test_sequence_inputs_and_outputs_under_check(tmp_path, capsys):
     onnx.save(_sequence_model(), str(tmp_path / "seq.onnx"))
-    assert main(["optimize", str(tmp_path / "seq.onnx"), "-o", str(tmp_path / "o.onnx"), "--check", "2",
-                 "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "optimize",
+                str(tmp_path / "seq.onnx"),
+                "-o",
+                str(tmp_path / "o.onnx"),
+                "--check",
+                "2",
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     out = onnx.load(str(tmp_path / "o.onnx"))
     assert signature(out) == signature(_sequence_model())  # the element shape [2, 3] included
     assert '"so[2]"' in (tmp_path / "r.json").read_text()  # the sequence's elements were compared
@@ -238,8 +285,9 @@ def test_reproducers_of_the_same_second_do_not_overwrite_each_other(tmp_path, mo
     monkeypatch.setenv("ONNXOPT_HOME", str(tmp_path))
     dirs = {save_reproducer(["optimize", f"run{i}"], RuntimeError(f"crash {i}")) for i in range(3)}
     assert len(dirs) == 3
-    assert sorted((d / "traceback.txt").read_text().strip().splitlines()[-1] for d in dirs) == \
-        [f"RuntimeError: crash {i}" for i in range(3)]
+    assert sorted((d / "traceback.txt").read_text().strip().splitlines()[-1] for d in dirs) == [
+        f"RuntimeError: crash {i}" for i in range(3)
+    ]
 
 
 def test_gs_warnings_never_reach_stdout(tmp_path, capsys, monkeypatch):
@@ -279,28 +327,49 @@ def test_reference_only_loaded_when_needed(tmp_path):
 def test_optional_input_under_check(tmp_path, capsys):
     tt = helper.make_tensor_type_proto(TensorProto.FLOAT, [2, 3])
     o = helper.make_value_info("o", helper.make_optional_type_proto(tt))
-    nodes = [helper.make_node("OptionalGetElement", ["o"], ["y"], name="get"),
-             helper.make_node("OptionalHasElement", ["o"], ["h"], name="has")]
-    m = helper.make_model(helper.make_graph(nodes, "g", [o], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
-                                                              helper.make_tensor_value_info("h", TensorProto.BOOL, [])]),
-                          opset_imports=[helper.make_opsetid("", 18)])
+    nodes = [
+        helper.make_node("OptionalGetElement", ["o"], ["y"], name="get"),
+        helper.make_node("OptionalHasElement", ["o"], ["h"], name="has"),
+    ]
+    m = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "g",
+            [o],
+            [
+                helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+                helper.make_tensor_value_info("h", TensorProto.BOOL, []),
+            ],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(tmp_path / "opt.onnx"))
-    assert main(["optimize", str(tmp_path / "opt.onnx"), "-o", str(tmp_path / "o.onnx"), "--check", "2",
-                 "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        main(["optimize", str(tmp_path / "opt.onnx"), "-o", str(tmp_path / "o.onnx"), "--check", "2", "--quiet"]) == 0
+    ), capsys.readouterr().err
     assert signature(onnx.load(str(tmp_path / "o.onnx"))) == signature(m)
 
 
 def test_map_input_is_a_user_error_under_check(tmp_path, capsys):
     """A map input cannot be generated: one line, exit 2, not an internal error."""
-    from onnxopt.data import seeded_inputs
+    from onnxopt.data.samples import seeded_inputs
 
-    m = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
-         helper.make_value_info("m", helper.make_map_type_proto(TensorProto.INT64,
-                                                                helper.make_tensor_type_proto(TensorProto.FLOAT, [])))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]), opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                helper.make_value_info(
+                    "m",
+                    helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])),
+                ),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     with pytest.raises(UserError, match="input 'm' is a map"):
         seeded_inputs(m, 1)
 
@@ -311,8 +380,15 @@ def _initializer_listed_as_input(ir_version: int) -> onnx.ModelProto:
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
     init = helper.make_tensor("b", TensorProto.FLOAT, [2], [1.0, 2.0])
-    g = helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"], name="add"),
-                           ], "g", [x, b], [y], [init])
+    g = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "b"], ["y"], name="add"),
+        ],
+        "g",
+        [x, b],
+        [y],
+        [init],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir_version)
 
 
@@ -342,8 +418,16 @@ net (float[N, T] x, int64 sr) => (float[N, U] y) {
 
 def test_a_fixed_input_is_not_blamed_the_dynamic_sizes_are(tmp_path, capsys):
     onnx.save(parse(NEEDS_LONG_INPUT), str(tmp_path / "m.onnx"))
-    argv = ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--check", "2",
-            "--input-value", "sr=16000"]
+    argv = [
+        "optimize",
+        str(tmp_path / "m.onnx"),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--check",
+        "2",
+        "--input-value",
+        "sr=16000",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dynamic axes" in err[0] and "x [1, 64]" in err[0] and "'sr'" not in err[0], err

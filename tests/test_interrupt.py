@@ -4,6 +4,7 @@
 of seconds); the signal arrives once the run is under way (its first samples
 are being evaluated). The CLI maps both signals to KeyboardInterrupt and exit 130.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ from conftest import ROOT, real_model
 def rec_calib(tmp_path_factory) -> Path:
     import onnx
 
-    from onnxopt.data import seeded_inputs
+    from onnxopt.data.samples import seeded_inputs
 
     src = real_model("rec")
     d = tmp_path_factory.mktemp("rec_calib")
@@ -38,10 +39,29 @@ def test_signal_during_calibration_leaves_no_output(sig, rec_calib, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     before = src.read_bytes()
-    cmd = [sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out_dir / "rec.opt.onnx"),
-           "--check", "200", "--calib", str(rec_calib), "--report", str(out_dir / "report.json")]
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "ONNXOPT_PROGRESS": "0"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxopt.cli",
+        "optimize",
+        str(src),
+        "-o",
+        str(out_dir / "rec.opt.onnx"),
+        "--check",
+        "200",
+        "--calib",
+        str(rec_calib),
+        "--report",
+        str(out_dir / "report.json"),
+    ]
+    child = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ONNXOPT_PROGRESS": "0"},
+    )
     time.sleep(12)  # import, load, fold, fuse: the check over 200 samples is running by now
     assert child.poll() is None, f"finished before the signal: {child.communicate()}"
     child.send_signal(sig)

@@ -1,4 +1,5 @@
 """Tests of the `lowrank` pass and its rank-budget kernels (kernels/lowrank_budget.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,14 +8,22 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxopt
-from onnxopt.graph import import_model
+from onnxopt.ir.graph import import_model
 from onnxopt.kernels.lowrank import truncated_svd
-from onnxopt.kernels.lowrank_budget import (LayerCurve, allocate_ranks, allowed_ranks, corrected_bias,
-                                            plain_error_curve, relative_output_error, whitened_error_curve,
-                                            output_energy)
-from onnxopt.passes.lowrank import _Layer, timing_key
-from onnxopt.runtime import make_session
-from onnxopt.timing import TimingCache
+from onnxopt.kernels.lowrank_budget import (
+    LayerCurve,
+    allocate_ranks,
+    allowed_ranks,
+    corrected_bias,
+    output_energy,
+    plain_error_curve,
+    relative_output_error,
+    whitened_error_curve,
+)
+from onnxopt.passes.lowrank.layers import Layer
+from onnxopt.passes.lowrank.timing import timing_key
+from onnxopt.runtime.sessions import make_session
+from onnxopt.runtime.timing import TimingCache
 
 RNG = np.random.default_rng(0)
 
@@ -41,8 +50,13 @@ def _matmul_model(W: np.ndarray, b: np.ndarray | None = None, constant_node: boo
     if b is not None:
         inits.append(numpy_helper.from_array(b, "b"))
         nodes.append(helper.make_node("Add", ["h", "b"], ["y"], name="add"))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "T", m])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "T", m])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
 
 
@@ -78,18 +92,19 @@ def test_error_curves_fall_with_rank_and_match_the_factors():
     assert np.linalg.norm(W - A @ B) ** 2 / np.linalg.norm(W) ** 2 == pytest.approx(plain[5])
     # The bias correction removes the mean error, so the exact error is the centered one.
     from onnxopt.kernels.lowrank import whitened_svd
+
     A, B, _ = whitened_svd(W, cov, 5, eps=1e-12)
     nb = corrected_bias(W, A, B, mu)
-    err = ((X @ W) - (X @ A @ B + nb))
-    measured = np.sqrt((err ** 2).sum() / ((X @ W) ** 2).sum())
+    err = (X @ W) - (X @ A @ B + nb)
+    measured = np.sqrt((err**2).sum() / ((X @ W) ** 2).sum())
     assert relative_output_error(W, A, B, S, mu, None, nb) == pytest.approx(measured, rel=1e-6)
-    assert measured ** 2 == pytest.approx(white[5], rel=1e-6)
+    assert measured**2 == pytest.approx(white[5], rel=1e-6)
 
 
 def test_allocator_meets_parameter_budget_and_prefers_cheap_layers():
     m, n = 64, 64
-    steep = np.linspace(1, 0, 65) ** 8          # error vanishes fast: cheap to cut
-    flat = np.linspace(1, 0, 65)                # every rank matters
+    steep = np.linspace(1, 0, 65) ** 8  # error vanishes fast: cheap to cut
+    flat = np.linspace(1, 0, 65)  # every rank matters
     layers = [LayerCurve(m, n, steep), LayerCurve(m, n, flat)]
     ranks = allocate_ranks(layers, multiple=8, params=0.3)
     saved = sum(m * n - r * (m + n) for r in ranks if r)
@@ -99,7 +114,7 @@ def test_allocator_meets_parameter_budget_and_prefers_cheap_layers():
     assert allocate_ranks(layers, multiple=8, params=0.0) == [0, 0]
     assert allocate_ranks(layers, multiple=8, error=0.0) == [0, 0]
     ranks = allocate_ranks(layers, multiple=8, error=0.1)
-    assert sum(layers[i].err2[r] for i, r in enumerate(ranks) if r) <= 0.1 ** 2 + 1e-12
+    assert sum(layers[i].err2[r] for i, r in enumerate(ranks) if r) <= 0.1**2 + 1e-12
     assert allowed_ranks(10, 10, 8) == [4, 3, 2, 1]  # too small for a multiple of 8: every useful rank
 
 
@@ -132,9 +147,11 @@ def test_gemm_with_transposes_alpha_beta():
     C = RNG.standard_normal(n).astype(np.float32)
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "Wt", "C"], ["y"], name="gemm", transA=1, transB=1, alpha=0.7, beta=1.3)],
-        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m, rows])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m, rows])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [rows, n])],
-        [numpy_helper.from_array(np.ascontiguousarray(W.T), "Wt"), numpy_helper.from_array(C, "C")])
+        [numpy_helper.from_array(np.ascontiguousarray(W.T), "Wt"), numpy_helper.from_array(C, "C")],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     calib = [{"x": s["x"][0].T.copy()} for s in _calib((1, rows, m))]
     for pipe, data in (("lowrank{energy=1.0,timing=false}", None), ("lowrank{energy=1.0,timing=false}", calib)):
@@ -151,8 +168,9 @@ def test_gemm_with_transposes_alpha_beta():
     errs = {}
     for method in ("whiten", "svd"):
         # min_cosine=0: both methods at the full budget (unguarded), to compare their errors
-        res = onnxopt.optimize(model, f"lowrank{{params=0.5,timing=false,method={method},min_cosine=0}}",
-                               calibration=calib)
+        res = onnxopt.optimize(
+            model, f"lowrank{{params=0.5,timing=false,method={method},min_cosine=0}}", calibration=calib
+        )
         assert _lowrank_record(res)["stats"]["fraction_removed"] >= 0.5
         errs[method] = np.linalg.norm(_run(res.model, {"x": x}) - ref) / np.linalg.norm(ref)
     assert errs["whiten"] < errs["svd"]
@@ -162,12 +180,20 @@ def test_one_by_one_conv_is_factorized_as_two_convs():
     cin, cout = 64, 48
     W = _low_rank(cout, cin, 8).reshape(cout, cin, 1, 1)
     b = RNG.standard_normal(cout).astype(np.float32)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", kernel_shape=[1, 1]),
-                           helper.make_node("Conv", ["y", "W2"], ["z"], name="strided", strides=[2, 2])],
-                          "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, cin, 6, 5])],
-                          [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b"),
-                           numpy_helper.from_array(_low_rank(cout, cout, 4).reshape(cout, cout, 1, 1), "W2")])
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv", kernel_shape=[1, 1]),
+            helper.make_node("Conv", ["y", "W2"], ["z"], name="strided", strides=[2, 2]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, cin, 6, 5])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(W, "W"),
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(_low_rank(cout, cout, 4).reshape(cout, cout, 1, 1), "W2"),
+        ],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     calib = [{"x": RNG.standard_normal((1, cin, 6, 5)).astype(np.float32) + 0.2} for _ in range(3)]
     assert not _lowrank_record(onnxopt.optimize(model, "lowrank{energy=1.0,timing=false}"))["changed"]
@@ -182,10 +208,15 @@ def test_one_by_one_conv_is_factorized_as_two_convs():
 
 # ------------------------------------------------------------------ the pass: must not fire
 def test_dynamic_weight_is_left_alone():
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64]),
-                           helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [64, 64])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 64])])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64]),
+            helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [64, 64]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 64])],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     res = onnxopt.optimize(model, "lowrank{params=0.5,timing=false}")
     rec = _lowrank_record(res)
@@ -208,8 +239,7 @@ def test_timing_decides(factorized_faster):
     model = _matmul_model(W, b)
     calib = _calib((1, 16, 96))
     node = next(n for n in import_model(model).nodes if n.op == "MatMul")
-    layer = _Layer(node, "MatMul", node.inputs[0], W.astype(np.float64), W.dtype, "last", bias=b,
-                   in_shape=(1, 16, 96))
+    layer = Layer(node, "MatMul", node.inputs[0], W.astype(np.float64), W.dtype, "last", bias=b, in_shape=(1, 16, 96))
     dense, fact = (2e-5, 1e-5) if factorized_faster else (1e-5, 2e-5)
     TimingCache("lowrank").put(timing_key(layer, 8), [dense, fact])
     res = onnxopt.optimize(model, "lowrank{energy=1.0}", calibration=calib)
@@ -223,12 +253,17 @@ def test_timing_decides(factorized_faster):
 
 def test_parameter_budget_over_several_layers_is_met_with_rounded_ranks():
     W1, W2 = _low_rank(128, 128, 16, 0.01), _low_rank(128, 96, 64, 0.01)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="a"),
-                           helper.make_node("Relu", ["h"], ["r"]),
-                           helper.make_node("MatMul", ["r", "W2"], ["y"], name="b")], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 128])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")])
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="a"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "W2"], ["y"], name="b"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     res = onnxopt.optimize(model, "lowrank{params=0.3,multiple=8,timing=false}", calibration=_calib((1, 32, 128)))
     rec = _lowrank_record(res)
@@ -273,13 +308,18 @@ def test_layers_sharing_an_input_share_the_first_factor():
     weights = [(U @ RNG.standard_normal((8, n))).astype(np.float32) for _ in range(3)]  # common row space
     nodes, inits, outs = [], [], []
     for i, w in enumerate(weights):
-        nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"proj{i}"),
-                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"y{i}"])]
-        inits += [numpy_helper.from_array(w, f"W{i}"),
-                  numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), f"b{i}")]
+        nodes += [
+            helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"proj{i}"),
+            helper.make_node("Add", [f"h{i}", f"b{i}"], [f"y{i}"]),
+        ]
+        inits += [
+            numpy_helper.from_array(w, f"W{i}"),
+            numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), f"b{i}"),
+        ]
         outs.append(helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, m])],
-                          outs, inits)
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, m])], outs, inits
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     calib = _calib((1, 16, m))
     res = onnxopt.optimize(model, "lowrank{energy=1.0,timing=false,share=true}", calibration=calib)
@@ -293,12 +333,17 @@ def test_layers_sharing_an_input_share_the_first_factor():
 
 # ------------------------------------------------------------------ the accuracy guard
 def _two_layer_model(W1: np.ndarray, W2: np.ndarray) -> onnx.ModelProto:
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"], name="costly"),
-                           helper.make_node("Relu", ["h"], ["r"]),
-                           helper.make_node("MatMul", ["r", "W2"], ["y"], name="cheap")], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "T", W1.shape[0]])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")])
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="costly"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "W2"], ["y"], name="cheap"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "T", W1.shape[0]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -309,6 +354,7 @@ def _iso_calib(shape: tuple[int, ...], n: int) -> list[dict[str, np.ndarray]]:
 
 def _worst_cosine(model: onnx.ModelProto, cand: onnx.ModelProto, samples: list[dict]) -> float:
     from onnxopt.kernels.metrics import cosine
+
     a, b = make_session(model), make_session(cand)
     return min(cosine(a.run(None, s)[0], b.run(None, s)[0]) for s in samples)
 
@@ -332,8 +378,9 @@ def test_guard_backs_off_a_budget_that_breaks_accuracy():
     assert _worst_cosine(model, res.model, _iso_calib((1, 64, 128), 4)) >= 0.99  # data it never saw
     assert [s["node"] for s in rec["skipped"] if "accuracy guard" in s["reason"]] == ["costly"]
     # a looser target keeps the whole budget: the option decides
-    loose = onnxopt.optimize(model, f"lowrank{{params=0.6,timing=false,min_cosine={unguarded - 1e-3:.6f}}}",
-                             calibration=calib)
+    loose = onnxopt.optimize(
+        model, f"lowrank{{params=0.6,timing=false,min_cosine={unguarded - 1e-3:.6f}}}", calibration=calib
+    )
     assert _lowrank_record(loose)["stats"]["factorized"] == 2
 
 
@@ -348,7 +395,8 @@ def test_guard_leaves_the_model_unchanged_when_no_factorization_meets_the_target
 
 
 def test_guard_measures_on_held_out_samples_when_there_are_enough():
-    from onnxopt.accuracy_guard import split_samples
+    from onnxopt.verify.accuracy_guard import split_samples
+
     samples = [{"x": np.full((1,), i, np.float32)} for i in range(12)]
     split = split_samples(samples, 0.25, 2)
     assert split.held_out and len(split.fit) == 9 and len(split.held) == 3

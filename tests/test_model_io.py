@@ -1,6 +1,6 @@
 """Model I/O: signature and metadata preserved, external data, atomic saves."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import onnx
@@ -9,7 +9,7 @@ from conftest import real_model, run_model
 
 import onnxopt
 from onnxopt.errors import UserError
-from onnxopt.model_io import load_model, save_model
+from onnxopt.ir.model_io import load_model, save_model
 
 
 @pytest.mark.parametrize("name", ["rec", "cls", "det"])
@@ -17,12 +17,18 @@ def test_signature_metadata_and_full_check_survive(name, tmp_path):
     src = load_model(real_model(name))
     out = onnxopt.optimize(src, pipeline="fold,fuse").model
     onnx.checker.check_model(out, full_check=True)
-    sig = lambda m: [(i.name, i.type.SerializeToString()) for i in m.graph.input] + \
-        [(o.name, o.type.tensor_type.elem_type) for o in m.graph.output]  # noqa: E731
+
+    def sig(m: onnx.ModelProto) -> list:
+        return [(i.name, i.type.SerializeToString()) for i in m.graph.input] + [
+            (o.name, o.type.tensor_type.elem_type) for o in m.graph.output
+        ]
+
     assert sig(out) == sig(src)
     meta = {p.key: p.value for p in out.metadata_props}
-    assert meta == {p.key: p.value for p in src.metadata_props} | {"onnxopt.pipeline": "fold,fuse",
-                                                                   "onnxopt.tolerance": "exact"}
+    assert meta == {p.key: p.value for p in src.metadata_props} | {
+        "onnxopt.pipeline": "fold,fuse",
+        "onnxopt.tolerance": "exact",
+    }
     assert out.opset_import == src.opset_import
 
 

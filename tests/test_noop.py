@@ -1,4 +1,5 @@
 """No silent no-op: a pass that changes nothing says why, in its result, the pass record and the report."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +8,12 @@ import pytest
 from onnx import numpy_helper as nh
 
 import onnxopt
-from onnxopt.graph import import_model
-from onnxopt.manager import PassManager, noop_reason
-from onnxopt.pass_base import Pass, PassContext, PassResult
-from onnxopt.registry import get_pass
-from onnxopt.report import count_reasons, format_report
+from onnxopt.framework.context import PassContext
+from onnxopt.framework.manager import PassManager, noop_reason
+from onnxopt.framework.pass_api import Pass, PassResult
+from onnxopt.framework.registry import get_pass
+from onnxopt.ir.graph import import_model
+from onnxopt.report.tables import count_reasons, format_report
 
 #: Nothing to fold, fuse, prune or factorize: one activation-times-activation MatMul and a Relu.
 NOTHING = """
@@ -25,8 +27,13 @@ net (float[1, 8, 16] q, float[1, 16, 8] k) => (float[1, 8, 8] y) {
 
 def _data(k: int = 3) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
-    return [{"q": rng.standard_normal((1, 8, 16)).astype(np.float32),
-             "k": rng.standard_normal((1, 16, 8)).astype(np.float32)} for _ in range(k)]
+    return [
+        {
+            "q": rng.standard_normal((1, 8, 16)).astype(np.float32),
+            "k": rng.standard_normal((1, 16, 8)).astype(np.float32),
+        }
+        for _ in range(k)
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +62,10 @@ def test_lowrank_names_the_layers_it_found_too_small():
     graph = import_model(model)
     result = get_pass("lowrank")().run(graph, PassContext())
     assert not result.changed
-    assert result.reason == ("no factorizable layer among Gemm|MatMul (at least 1024 weight parameters): "
-                             "1 x weight 8x8 below min_params=1024")
+    assert result.reason == (
+        "no factorizable layer among Gemm|MatMul (at least 1024 weight parameters): "
+        "1 x weight 8x8 below min_params=1024"
+    )
 
 
 class _Silent(Pass):
@@ -90,12 +99,18 @@ def test_quantize_says_every_layer_stayed_float_and_why():
     }
     """
     model = onnx.parser.parse_model(text)
-    model.graph.initializer.append(nh.from_array(
-        (np.random.default_rng(0).standard_normal((64, 8)) @ np.random.default_rng(1).standard_normal((8, 64)))
-        .astype(np.float32), "W"))
+    model.graph.initializer.append(
+        nh.from_array(
+            (
+                np.random.default_rng(0).standard_normal((64, 8)) @ np.random.default_rng(1).standard_normal((8, 64))
+            ).astype(np.float32),
+            "W",
+        )
+    )
     data = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(3)]
-    res = onnxopt.optimize(model, pipeline="quantize{weight_storage=float,target_sqnr=300,latency_aware=false}",
-                           calibration=data)
+    res = onnxopt.optimize(
+        model, pipeline="quantize{weight_storage=float,target_sqnr=300,latency_aware=false}", calibration=data
+    )
     rec = res.report["passes"][0]
     assert not rec["changed"]
     assert rec["reason"].startswith("kept all 1 layers float: 1 x sensitive")

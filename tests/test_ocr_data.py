@@ -18,9 +18,7 @@ ocr = importlib.util.module_from_spec(_SPEC)
 sys.modules.setdefault("ocr_data", ocr)
 _SPEC.loader.exec_module(ocr)
 
-needs_rec = pytest.mark.skipif(
-    not ocr.REC_MODEL.exists(), reason=f"PP-OCR rec model not found at {ocr.REC_MODEL}"
-)
+needs_rec = pytest.mark.skipif(not ocr.REC_MODEL.exists(), reason=f"PP-OCR rec model not found at {ocr.REC_MODEL}")
 
 
 def test_ctc_greedy_decode_hand_made():

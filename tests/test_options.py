@@ -1,6 +1,7 @@
 """Pass options are checked when the pipeline text is parsed, before any pass runs: ranges, choices,
 regular expressions, finite numbers, duplicates. Each mistake is one UserError line (exit 2) naming
 the pass, the option, the value and what is allowed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,10 @@ from onnx import TensorProto, helper
 import onnxopt
 from onnxopt.cli import main
 from onnxopt.errors import UserError
-from onnxopt.pass_base import Pass, option
-from onnxopt.pipeline import build_pipeline
-from onnxopt.registry import all_passes
+from onnxopt.framework.options import option
+from onnxopt.framework.pass_api import Pass
+from onnxopt.framework.pipeline import build_pipeline
+from onnxopt.framework.registry import all_passes
 
 BAD = [
     ("prune{macs=1.5}", "'macs' = 1.5 is out of range (allowed: 0 <= macs < 1)"),
@@ -61,8 +63,14 @@ def test_good_option_values_parse():
 
 def test_bad_option_exits_2_before_the_model_is_read(tmp_path, capsys):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
-                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [x],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+    )
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     code = main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "-p", "fold,prune{macs=1.5}"])
@@ -80,12 +88,13 @@ def test_every_builtin_default_is_accepted_and_every_number_option_declares_a_ra
         for f in dataclasses.fields(cls.Options):
             meta = f.metadata
             if hints[f.name] in (int, float, float | None) and f.name not in ("target_sqnr", "storage_sqnr"):
-                assert any(meta.get(k) is not None for k in ("low", "high", "above", "below")), \
+                assert any(meta.get(k) is not None for k in ("low", "high", "above", "below")), (
                     f"{name}.{f.name} declares no range"
+                )
 
 
 def test_options_built_from_python_are_checked_too():
-    from onnxopt.passes.prune import Prune
+    from onnxopt.passes.prune.pruner import Prune
 
     with pytest.raises(UserError, match="'macs' = 2.0 is out of range"):
         Prune(Prune.Options(macs=2.0))
@@ -110,8 +119,12 @@ def test_plugin_options_can_declare_ranges_choices_and_literals():
             count: int = option(1, "a count", check=lambda v: None if v % 2 else "must be odd")
 
     assert Demo.parse_options({"ratio": "0.25", "mode": "b"}).mode == "b"
-    for raw, words in [({"ratio": "1"}, "0 < ratio < 1"), ({"mode": "c"}, "one of a, b"),
-                       ({"count": "2"}, "must be odd"), ({"ratio": "-inf"}, "finite")]:
+    for raw, words in [
+        ({"ratio": "1"}, "0 < ratio < 1"),
+        ({"mode": "c"}, "one of a, b"),
+        ({"count": "2"}, "must be odd"),
+        ({"ratio": "-inf"}, "finite"),
+    ]:
         with pytest.raises(UserError, match=words.replace("(", r"\(")):
             Demo.parse_options(raw)
     assert math.isclose(Demo().options.ratio, 0.5)

@@ -1,5 +1,6 @@
 """Node-count parity with onnxslim: the exact eliminations of `fold`, each on a small model with the
 structure it was found in, and (slow) `fold,fuse` vs onnxslim on every zoo model, dynamic and pinned."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -126,8 +127,11 @@ def test_concat_of_one_input_goes_and_keeps_the_output_name():
     out = _fold(model)
     assert _ops(out) == ["Div"] and out.graph.output[0].name == "pooled"
     rng = np.random.default_rng(3)
-    _same_outputs(model, out, {"x": rng.standard_normal((2, 384)).astype(np.float32),
-                               "n": rng.uniform(1, 2, (2, 1)).astype(np.float32)})
+    _same_outputs(
+        model,
+        out,
+        {"x": rng.standard_normal((2, 384)).astype(np.float32), "n": rng.uniform(1, 2, (2, 1)).astype(np.float32)},
+    )
 
 
 def test_identity_transpose_and_zero_pad_go():
@@ -202,12 +206,15 @@ def test_reshape_copying_a_dynamic_dim_of_a_view_stays():
     _same_outputs(model, out, {"x": np.ones((3, 5), np.float32)})
 
 
-@pytest.mark.parametrize("opset, first, second, expected", [
-    (17, [1], [2], [1, 2]),      # an attention mask [B, S] -> [B, 1, 1, S]... in two steps
-    (17, [-1], [-1], [2, 3]),    # negative axes, resolved with the known rank
-    (17, [0, 2], [1], [0, 1, 3]),
-    (11, [1], [2], [1, 2]),      # axes as an attribute before opset 13
-])
+@pytest.mark.parametrize(
+    "opset, first, second, expected",
+    [
+        (17, [1], [2], [1, 2]),  # an attention mask [B, S] -> [B, 1, 1, S]... in two steps
+        (17, [-1], [-1], [2, 3]),  # negative axes, resolved with the known rank
+        (17, [0, 2], [1], [0, 1, 3]),
+        (11, [1], [2], [1, 2]),  # axes as an attribute before opset 13
+    ],
+)
 def test_unsqueeze_of_unsqueeze_becomes_one(opset, first, second, expected):
     def axes(v):
         return f"<axes = [{', '.join(map(str, v))}]>" if opset < 13 else ""
@@ -240,12 +247,14 @@ def test_unsqueeze_of_unsqueeze_becomes_one(opset, first, second, expected):
 
 #: natural static shapes of the zoo's inputs (pinned mode)
 PINS = {
-    "det.onnx": {"x": (1, 3, 320, 320)}, "rec.onnx": {"x": (1, 3, 48, 320)}, "cls.onnx": {"x": (1, 3, 48, 192)},
-    "magika.onnx": {"bytes": (1, 2048)}, "layout_cdla.onnx": {"image": (1, 3, 800, 608)},
+    "det.onnx": {"x": (1, 3, 320, 320)},
+    "rec.onnx": {"x": (1, 3, 48, 320)},
+    "cls.onnx": {"x": (1, 3, 48, 192)},
+    "magika.onnx": {"bytes": (1, 2048)},
+    "layout_cdla.onnx": {"image": (1, 3, 800, 608)},
     "minilm.onnx": {"input_ids": (1, 128), "attention_mask": (1, 128)},
     "romanizer_encoder.onnx": {"src": (1, 16), "src_mask": (1, 16)},
-    "romanizer_decoder.onnx": {"prefix": (1, 8), "memory": (1, 16, 256), "src_mask": (1, 16),
-                               "hidden": (1, 2, 256)},
+    "romanizer_decoder.onnx": {"prefix": (1, 8), "memory": (1, 16, 256), "src_mask": (1, 16), "hidden": (1, 2, 256)},
     "tashkeel_bilstm_int8.onnx": {"input_ids": (1, 64)},
 }
 
@@ -260,7 +269,9 @@ def test_fold_fuse_leaves_no_more_nodes_than_onnxslim(file, mode):
         pytest.skip(f"{path} missing: run `python fixtures/fetch_models.py`")
     pins = PINS[file] if mode == "pinned" else None
     ours = onnxopt.optimize(path, pipeline="fold,fuse", input_shapes=pins).model
-    slim = onnxslim.slim(onnx.load(str(path)),
-                         input_shapes=[f"{k}:{','.join(map(str, v))}" for k, v in pins.items()] if pins else None)
-    assert len(ours.graph.node) <= len(slim.graph.node), \
+    slim = onnxslim.slim(
+        onnx.load(str(path)), input_shapes=[f"{k}:{','.join(map(str, v))}" for k, v in pins.items()] if pins else None
+    )
+    assert len(ours.graph.node) <= len(slim.graph.node), (
         f"{file} {mode}: fold,fuse {len(ours.graph.node)} nodes, onnxslim {len(slim.graph.node)}"
+    )

@@ -1,4 +1,5 @@
 """Pinned input shapes (`--input-shape`): parsing, checks (exit 2), the rewrite, and what folding gains."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import pytest
 from conftest import parse, run_model
 
 import onnxopt
+from onnxopt.analysis.shapes import parse_input_shapes
 from onnxopt.cli import main
+from onnxopt.data.pinning import check_pinnable, pin_input_shapes
 from onnxopt.errors import UserError
-from onnxopt.pinning import check_pinnable, pin_input_shapes
-from onnxopt.shapes import parse_input_shapes
 
 #: Shape arithmetic on a dynamic input, as exporters write it: Reshape(x, [N, C*H*W]) through
 #: Shape -> Gather -> Mul -> Concat, then a MatMul plus a tensor of ones of shape [N, 4] made by
@@ -43,24 +44,31 @@ net (float[N, 3, H, W] x) => (float[N, 4] y) <float[12, 4] w = {0,1,2,3,4,5,6,7,
 
 
 def _inputs(model: onnx.ModelProto) -> dict[str, list]:
-    return {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
-            for i in model.graph.input}
+    return {
+        i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    }
 
 
 def _outputs(model: onnx.ModelProto) -> dict[str, list]:
-    return {o.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in o.type.tensor_type.shape.dim]
-            for o in model.graph.output}
+    return {
+        o.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in o.type.tensor_type.shape.dim]
+        for o in model.graph.output
+    }
 
 
-@pytest.mark.parametrize("specs, expected", [
-    (["x=1x3x48x320"], {"x": (1, 3, 48, 320)}),
-    (["x:1,3,48,320"], {"x": (1, 3, 48, 320)}),  # onnxsim/onnxslim spelling
-    (["a:1,3 b=2x5"], {"a": (1, 3), "b": (2, 5)}),  # several in one flag, as onnxslim's nargs
-    (["a=1x3;b:2,5", "c=7"], {"a": (1, 3), "b": (2, 5), "c": (7,)}),
-    (["input:0=1x2"], {"input:0": (1, 2)}),  # TensorFlow-style names keep their colon
-    (["input:0:1,2"], {"input:0": (1, 2)}),
-    (["my input=1X2"], {"my input": (1, 2)}),
-])
+@pytest.mark.parametrize(
+    "specs, expected",
+    [
+        (["x=1x3x48x320"], {"x": (1, 3, 48, 320)}),
+        (["x:1,3,48,320"], {"x": (1, 3, 48, 320)}),  # onnxsim/onnxslim spelling
+        (["a:1,3 b=2x5"], {"a": (1, 3), "b": (2, 5)}),  # several in one flag, as onnxslim's nargs
+        (["a=1x3;b:2,5", "c=7"], {"a": (1, 3), "b": (2, 5), "c": (7,)}),
+        (["input:0=1x2"], {"input:0": (1, 2)}),  # TensorFlow-style names keep their colon
+        (["input:0:1,2"], {"input:0": (1, 2)}),
+        (["my input=1X2"], {"my input": (1, 2)}),
+    ],
+)
 def test_parse_input_shapes_accepts_both_spellings(specs, expected):
     assert parse_input_shapes(specs) == expected
 
@@ -73,11 +81,13 @@ def test_parse_input_shapes_rejects_bad_specs(spec):
 
 def test_pin_checks_names_ranks_and_static_dims():
     model = parse(SHAPE_CHAIN)
-    for shapes, message in [({"z": (1, 3, 8, 8)}, "no such input"),
-                            ({"w": (12, 4)}, "no such input"),  # an initializer is not an input to pin
-                            ({"x": (1, 3, 8)}, "rank 4"),
-                            ({"x": (1, 4, 8, 8)}, "axis 1 is static 3"),
-                            ({"x": (1, 3, 0, 8)}, "positive")]:
+    for shapes, message in [
+        ({"z": (1, 3, 8, 8)}, "no such input"),
+        ({"w": (12, 4)}, "no such input"),  # an initializer is not an input to pin
+        ({"x": (1, 3, 8)}, "rank 4"),
+        ({"x": (1, 4, 8, 8)}, "axis 1 is static 3"),
+        ({"x": (1, 3, 0, 8)}, "positive"),
+    ]:
         with pytest.raises(UserError, match=message):
             check_pinnable(model, shapes)
     check_pinnable(model, {"x": (2, 3, 8, 8)})
@@ -112,8 +122,23 @@ def test_pinned_shapes_let_fold_finish_the_shape_arithmetic():
 def test_cli_pins_and_the_saved_model_passes_the_gate(tmp_path):
     src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(parse(SHAPE_CHAIN), str(src))
-    code = main(["optimize", str(src), "-o", str(out), "-p", "fold,fuse", "--input-shape", "x:2,3,2,2",
-                 "--check", "2", "--report", str(rep), "--quiet"])
+    code = main(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(out),
+            "-p",
+            "fold,fuse",
+            "--input-shape",
+            "x:2,3,2,2",
+            "--check",
+            "2",
+            "--report",
+            str(rep),
+            "--quiet",
+        ]
+    )
     assert code == 0
     m = onnx.load(str(out))
     onnx.checker.check_model(m, full_check=True)
@@ -130,9 +155,15 @@ def test_cli_without_input_shape_keeps_dynamic_axes(tmp_path):
     assert _inputs(m) == {"x": ["N", 3, "H", "W"]} and _outputs(m) == {"y": ["N", 4]}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("z=1x3x4x5", "no such input"), ("x=1x3x4", "rank 4"), ("x=1x5x4x5", "static 3"), ("x=1x3x0x5", "positive"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("z=1x3x4x5", "no such input"),
+        ("x=1x3x4", "rank 4"),
+        ("x=1x5x4x5", "static 3"),
+        ("x=1x3x0x5", "positive"),
+    ],
+)
 def test_cli_bad_pins_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, spec, message):
     src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
     onnx.save(parse(SHAPE_CHAIN), str(src))
@@ -148,13 +179,23 @@ def test_an_output_declared_minus_one_gets_its_size_once_folded(tmp_path):
     place made `onnx.checker` reject the result; it becomes unknown at pinning, static after the passes."""
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["n0"]),
-             helper.make_node("Max", ["n0", "zero"], ["n"]), helper.make_node("Concat", ["n", "c12"], ["t"], axis=0),
-             helper.make_node("Reshape", ["x", "t"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one"], ["n0"]),
+        helper.make_node("Max", ["n0", "zero"], ["n"]),
+        helper.make_node("Concat", ["n", "c12"], ["t"], axis=0),
+        helper.make_node("Reshape", ["x", "t"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["y"]),
+    ]
     inits = [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("zero", 0), ("one", 1), ("c12", 12))]
     inits.append(numpy_helper.from_array(np.ones((12, 2), np.float32), "w"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 2])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 2])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     early = onnx.ModelProto()

@@ -1,4 +1,5 @@
 """The prune pass: elimination on small graphs, exact mode, compensation, budget, real models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,12 +9,11 @@ import onnxruntime as ort
 import pytest
 
 import onnxopt
-from onnxopt.channels import analyze_channels
-from onnxopt.data import seeded_inputs
-from onnxopt.graph import constant_value, export_model, import_model
-from onnxopt.stats import model_stats
-
 from fixtures.fetch_models import model_path
+from onnxopt.analysis.stats import model_stats
+from onnxopt.data.samples import seeded_inputs
+from onnxopt.ir.graph import constant_value, export_model, import_model
+from onnxopt.passes.prune.channels import analyze_channels
 
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>\n'
 
@@ -63,9 +63,19 @@ agraph (float[1, 3, 16, 16] x) => (float[1, 10] y) {
     t = Flatten (p)
     y = Gemm <transB = 1> (t, wg, bg)
 }"""
-CHAIN_W = {"w1": _w(16, 3, 3, 3), "b1": _w(16), "s": _w(16, seed=1), "bb": _w(16, seed=2), "m": _w(16, seed=3),
-           "v": np.ones(16, np.float32), "wd": _w(16, 1, 3, 3), "w2": _w(24, 16, 1, 1), "b2": _w(24),
-           "wg": _w(10, 40), "bg": _w(10)}
+CHAIN_W = {
+    "w1": _w(16, 3, 3, 3),
+    "b1": _w(16),
+    "s": _w(16, seed=1),
+    "bb": _w(16, seed=2),
+    "m": _w(16, seed=3),
+    "v": np.ones(16, np.float32),
+    "wd": _w(16, 1, 3, 3),
+    "w2": _w(24, 16, 1, 1),
+    "b2": _w(24),
+    "wg": _w(10, 40),
+    "bg": _w(10),
+}
 
 
 def test_prune_small_graph_slices_every_tensor_and_meets_budget():
@@ -103,8 +113,14 @@ def test_split_slice_reshape_are_rewritten():
         t = Reshape (r, sh)
         y = MatMul (t, wm)
     }"""
-    weights = {"w1": _w(12, 3, 1, 1), "wz": _w(2, 6, 1, 1), "wm": _w(64, 5),
-               "st": np.array([1], np.int64), "en": np.array([7], np.int64), "ax": np.array([1], np.int64)}
+    weights = {
+        "w1": _w(12, 3, 1, 1),
+        "wz": _w(2, 6, 1, 1),
+        "wm": _w(64, 5),
+        "st": np.array([1], np.int64),
+        "en": np.array([7], np.int64),
+        "ax": np.array([1], np.int64),
+    }
     model = _model(text, weights)
     result = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5,round_to=1}")
     stats = _check_structure(model, result)
@@ -112,10 +128,13 @@ def test_split_slice_reshape_are_rewritten():
 
 
 def test_group_reaching_graph_output_is_not_pruned():
-    model = _model("""
+    model = _model(
+        """
     agraph (float[1, 3, 8, 8] x) => (float[1, 8, 8, 8] y) {
         y = Conv (x, w1)
-    }""", {"w1": _w(8, 3, 1, 1)})
+    }""",
+        {"w1": _w(8, 3, 1, 1)},
+    )
     result = onnxopt.optimize(model, pipeline="prune{macs=0.3}")
     assert not result.report["passes"][0]["changed"]
     assert any("graph output" in s["reason"] for s in result.report["passes"][0]["skipped"])
@@ -148,8 +167,11 @@ def test_compensation_reduces_error_on_calibration_like_data():
     evals = [{"x": x["x"] + 1.0} for x in seeded_inputs(model, 8, seed=1)]
     errs = {}
     for mode in ("none", "bias", "refit"):
-        res = onnxopt.optimize(model, pipeline=f"prune{{macs=0.25,max_ratio=0.5,round_to=1,criterion=l1,compensate={mode}}}",
-                               calibration=calib)
+        res = onnxopt.optimize(
+            model,
+            pipeline=f"prune{{macs=0.25,max_ratio=0.5,round_to=1,criterion=l1,compensate={mode}}}",
+            calibration=calib,
+        )
         errs[mode] = np.mean([np.mean((_run(res.model, f)[0] - _run(model, f)[0]) ** 2) for f in evals])
     assert errs["refit"] < errs["none"] and errs["bias"] < errs["none"]
 
@@ -171,8 +193,9 @@ def test_ppocr_prune_30_percent(name):
     assert model_stats(result.model).parameters < model_stats(model).parameters
 
 
-@pytest.mark.parametrize("name", ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet",
-                                  "squeezenet"])
+@pytest.mark.parametrize(
+    "name", ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet"]
+)
 def test_light_models_fold_fuse_prune(name):
     model = _real(name)
     try:
@@ -195,8 +218,11 @@ def test_ppocr_det_exact_mode_with_zeroed_filters():
     # zero the filters and every additive constant on the channels' path (biases, BN/affine shifts)
     for site in cg.sites:
         op = site.node.op
-        is_out = (op == "Conv" and site.axis == 0) or (op == "ConvTranspose" and site.index == 1 and site.axis == 1) \
+        is_out = (
+            (op == "Conv" and site.axis == 0)
+            or (op == "ConvTranspose" and site.index == 1 and site.axis == 1)
             or (op in ("Conv", "ConvTranspose") and site.index == 2)
+        )
         is_shift = op in ("Add", "Sub") or (op == "BatchNormalization" and site.index in (2, 3))
         if site.kind != "const" or not (is_out or is_shift):
             continue
@@ -269,6 +295,7 @@ def _guard_calib(model: onnx.ModelProto, n: int) -> list[dict[str, np.ndarray]]:
 
 def _worst_cosine(model: onnx.ModelProto, cand: onnx.ModelProto, samples) -> float:
     from onnxopt.kernels.metrics import cosine
+
     return min(cosine(a, b) for s in samples for a, b in zip(_run(model, s), _run(cand, s)))
 
 
@@ -295,12 +322,14 @@ def test_guard_shrinks_a_mac_budget_that_breaks_accuracy():
 
 def test_guard_leaves_the_model_unchanged_when_every_channel_matters():
     model = _model(WEAK_STRONG, _weak_strong_weights(weak=0))
-    res = onnxopt.optimize(model, pipeline="prune{macs=0.3,max_ratio=0.5,round_to=1,min_cosine=0.9999}",
-                           calibration=_guard_calib(model, 4))
+    res = onnxopt.optimize(
+        model, pipeline="prune{macs=0.3,max_ratio=0.5,round_to=1,min_cosine=0.9999}", calibration=_guard_calib(model, 4)
+    )
     record = res.report["passes"][0]
     assert not record["changed"] and "accuracy guard" in record["reason"] and "unchanged" in record["reason"]
-    np.testing.assert_array_equal(constant_value(import_model(res.model).nodes[0].inputs[1]),
-                                  _weak_strong_weights(0)["w1"])
+    np.testing.assert_array_equal(
+        constant_value(import_model(res.model).nodes[0].inputs[1]), _weak_strong_weights(0)["w1"]
+    )
 
 
 MLP = """
@@ -326,13 +355,16 @@ def test_dynamic_shapes_count_macs_at_the_calibration_shape():
 
 def test_layers_without_known_shapes_end_the_pass_before_any_scoring():
     """A MatMul whose input shape comes from a runtime value counts 0 MACs: no budget can be met, said at once."""
-    model = _model("""
+    model = _model(
+        """
     agraph (float[N, 16] x, int64[2] k) => (float[M, 4] y) {
         v = Tile (x, k)
         h = MatMul (v, w1)
         r = Relu (h)
         y = MatMul (r, w2)
-    }""", {"w1": _w(16, 64, seed=8), "w2": _w(64, 4, seed=9)})
+    }""",
+        {"w1": _w(16, 64, seed=8), "w2": _w(64, 4, seed=9)},
+    )
     feeds = [{"x": np.ones((3, 16), np.float32), "k": np.array([2, 1], np.int64)}]
     res = onnxopt.optimize(model, pipeline="prune{macs=0.2,round_to=1}", calibration=feeds)
     record = res.report["passes"][0]
@@ -342,6 +374,7 @@ def test_layers_without_known_shapes_end_the_pass_before_any_scoring():
 
 def test_kernel_conditional_variance_matches_the_pseudo_inverse():
     from onnxopt.kernels.pruning import conditional_variance
+
     x = np.random.default_rng(3).standard_normal((200, 12)) @ np.random.default_rng(4).standard_normal((12, 12))
     cov = np.cov(x.T)
     lam = 1e-3 * np.mean(np.diag(cov))

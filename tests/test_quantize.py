@@ -1,4 +1,5 @@
 """The quantize pass: integer kernels in onnxruntime's optimized graph, placement, weights, options."""
+
 from __future__ import annotations
 
 import collections
@@ -9,12 +10,12 @@ import pytest
 from onnx import numpy_helper
 
 import onnxopt
-from onnxopt.graph import import_model
+from onnxopt.framework.context import PassContext
+from onnxopt.framework.registry import get_pass
+from onnxopt.ir.graph import import_model
 from onnxopt.kernels.metrics import sqnr_db
-from onnxopt.pass_base import PassContext
-from onnxopt.qdq import optimized_nodes, optimized_op_types
-from onnxopt.registry import get_pass
-from onnxopt.runtime import make_session
+from onnxopt.passes.quantize.optimized import optimized_nodes, optimized_op_types
+from onnxopt.runtime.sessions import make_session
 
 NET = """
 <ir_version: 8, opset_import: ["" : {opset}]>
@@ -35,10 +36,15 @@ net (float[1, 16, 24, W] x) => (float[1, 10] y) {{
 def _net(opset: int = 13, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     model = onnx.parser.parse_model(NET.format(opset=opset))
-    weights = {"W1": rng.standard_normal((64, 16, 3, 3)) * 0.2, "B1": rng.standard_normal(64) * 0.1,
-               "W2": rng.standard_normal((64, 64, 3, 3)) * 0.1, "B2": rng.standard_normal(64) * 0.1,
-               "M": rng.standard_normal((64, 96)) * 0.3, "G": rng.standard_normal((10, 96)) * 0.3,
-               "GB": rng.standard_normal(10) * 0.1}
+    weights = {
+        "W1": rng.standard_normal((64, 16, 3, 3)) * 0.2,
+        "B1": rng.standard_normal(64) * 0.1,
+        "W2": rng.standard_normal((64, 64, 3, 3)) * 0.1,
+        "B2": rng.standard_normal(64) * 0.1,
+        "M": rng.standard_normal((64, 96)) * 0.3,
+        "G": rng.standard_normal((10, 96)) * 0.3,
+        "GB": rng.standard_normal(10) * 0.1,
+    }
     model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items())
     return model
 
@@ -50,8 +56,9 @@ def _data(n: int = 6, widths=(32, 40, 48), seed: int = 0) -> list[dict[str, np.n
 
 def _quantize(model, data=None, **opts):
     text = ",".join(f"{k}={v}" for k, v in opts.items())
-    return onnxopt.optimize(model, pipeline=f"quantize{{{text}}}" if text else "quantize",
-                            calibration=data if data is not None else _data())
+    return onnxopt.optimize(
+        model, pipeline=f"quantize{{{text}}}" if text else "quantize", calibration=data if data is not None else _data()
+    )
 
 
 def _pass_report(result):
@@ -100,8 +107,9 @@ def test_weights_int8_per_channel_on_the_right_axis_and_bias_int32():
 
 
 def test_int8_symmetric_activations_and_per_tensor_option():
-    res = _quantize(_net(), latency_aware=False, accuracy_aware=False, check_latency=False,
-                    activations="int8", per_channel=False)
+    res = _quantize(
+        _net(), latency_aware=False, accuracy_aware=False, check_latency=False, activations="int8", per_channel=False
+    )
     g = res.model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     zps = [inits[n.input[2]] for n in g.node if n.op_type == "QuantizeLinear"]
@@ -118,8 +126,9 @@ def test_no_qdq_around_ops_that_gain_nothing():
     q_inputs = [n.input[0] for n in res.model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q_inputs) == len(set(q_inputs))
     producers = {o: n.op_type for n in res.model.graph.node for o in n.output}
-    assert sorted(producers.get(t, "input") for t in q_inputs) == \
-        sorted(["input", "Conv", "Relu", "Conv", "Flatten", "MatMul", "Sigmoid"])
+    assert sorted(producers.get(t, "input") for t in q_inputs) == sorted(
+        ["input", "Conv", "Relu", "Conv", "Flatten", "MatMul", "Sigmoid"]
+    )
 
 
 def test_pass_through_ops_share_the_scale_of_their_input():
@@ -133,26 +142,33 @@ def test_pass_through_ops_share_the_scale_of_their_input():
     """
     rng = np.random.default_rng(1)
     model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend([
-        numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "W"),
-        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B"),
-        numpy_helper.from_array(np.array([1, 144], np.int64), "shape"),
-        numpy_helper.from_array(rng.standard_normal((144, 12)).astype(np.float32), "M")])
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B"),
+            numpy_helper.from_array(np.array([1, 144], np.int64), "shape"),
+            numpy_helper.from_array(rng.standard_normal((144, 12)).astype(np.float32), "M"),
+        ]
+    )
     data = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(4)]
     res = _quantize(model, data, latency_aware=False, accuracy_aware=False, check_latency=False)
     inits = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}
-    qs = {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
-          for n in res.model.graph.node if n.op_type == "QuantizeLinear"}
+    qs = {
+        n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+        for n in res.model.graph.node
+        if n.op_type == "QuantizeLinear"
+    }
     conv_out = next(k for k in qs if k.startswith("c"))
     reshaped = next(k for k in qs if k.startswith("r"))
     assert qs[conv_out] == qs[reshaped]
 
 
 def test_latency_aware_keeps_layers_float_where_int8_is_slower(monkeypatch):
-    from onnxopt import timing
+    from onnxopt.runtime import timing
 
     def fake(self, key, models, feeds, runs=20):
         return [1.0, 2.0] if '"Conv"' in key else [2.0, 1.0]
+
     monkeypatch.setattr(timing.TimingCache, "measure", fake)
     res = _quantize(_net(), accuracy_aware=False, check_latency=False)
     rows = {r["op"] + r["node"]: r for r in _pass_report(res)["details"]}
@@ -179,8 +195,7 @@ def test_opset_below_13_is_upgraded_for_per_channel():
     res = _quantize(_net(opset=11), latency_aware=False, accuracy_aware=False, check_latency=False)
     opset = next(o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx"))
     assert opset >= 13
-    assert any(a.name == "axis" for n in res.model.graph.node if n.op_type == "DequantizeLinear"
-               for a in n.attribute)
+    assert any(a.name == "axis" for n in res.model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
     assert "QLinearConv" in optimized_op_types(res.model)
 
 
@@ -223,13 +238,16 @@ def test_include_exclude_and_calibration_required():
 
 def test_real_cls_model_runs_integer_kernels(tmp_path):
     from fixtures.fetch_models import model_path
+
     path = model_path("cls")
     if not path.exists():
         pytest.skip("run `python fixtures/fetch_models.py` to fetch cls.onnx")
     from fixtures import ocr_data
+
     data = [{"x": x} for x, _ in ocr_data.cls_samples(8, 0)]
-    res = onnxopt.optimize(str(path), pipeline="quantize{sensitivity_samples=4,latency_aware=false,"
-                           "check_latency=false}", calibration=data)
+    res = onnxopt.optimize(
+        str(path), pipeline="quantize{sensitivity_samples=4,latency_aware=false,check_latency=false}", calibration=data
+    )
     ops = collections.Counter(optimized_op_types(res.model))
     assert ops["QLinearConv"] > 0
     stats = _pass_report(res)["stats"]
@@ -248,9 +266,16 @@ def test_output_is_byte_identical_across_processes_given_the_cache(tmp_path):
     model, data = _net(), _data(4)
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", x=np.stack([d["x"][0] for d in data[:1]] * 4))
-    args = ["optimize", str(tmp_path / "m.onnx"), "-p", "quantize{sensitivity_samples=2}", "--calib",
-            str(tmp_path / "calib.npz")]
+    args = [
+        "optimize",
+        str(tmp_path / "m.onnx"),
+        "-p",
+        "quantize{sensitivity_samples=2}",
+        "--calib",
+        str(tmp_path / "calib.npz"),
+    ]
     from onnxopt.cli import main
+
     assert main(args + ["-o", str(tmp_path / "a.onnx")]) == 0
     code = "import sys; from onnxopt.cli import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, ONNXOPT_PROGRESS="0")
@@ -261,10 +286,11 @@ def test_output_is_byte_identical_across_processes_given_the_cache(tmp_path):
 def test_float_layers_store_int8_weights_that_onnxruntime_folds_at_load(monkeypatch):
     """Convs kept float (int8 slower) keep float compute but store int8 weights (Cast -> Mul), which
     onnxruntime folds at load: its optimized graph has no Cast/Mul; weight_storage=float keeps them."""
-    from onnxopt import timing
+    from onnxopt.runtime import timing
 
     def fake(self, key, models, feeds, runs=20):
         return [1.0, 2.0] if '"Conv"' in key else [2.0, 1.0]
+
     monkeypatch.setattr(timing.TimingCache, "measure", fake)
     for storage in ("float", "int8"):
         res = _quantize(_net(), accuracy_aware=False, check_latency=False, weight_storage=storage)
@@ -286,9 +312,11 @@ def test_float_layers_store_int8_weights_that_onnxruntime_folds_at_load(monkeypa
 def test_storage_sqnr_keeps_the_weights_whose_rounding_costs_most_float(monkeypatch):
     """An unreachable storage budget keeps every weight float and says why; a loose one stores all
     but G (960 weights: under MIN_STORED_ELEMENTS, not worth two nodes)."""
-    from onnxopt import timing
-    monkeypatch.setattr(timing.TimingCache, "measure",
-                        lambda self, key, models, feeds, runs=20: [1.0, 2.0])  # int8 never faster
+    from onnxopt.runtime import timing
+
+    monkeypatch.setattr(
+        timing.TimingCache, "measure", lambda self, key, models, feeds, runs=20: [1.0, 2.0]
+    )  # int8 never faster
     strict = _quantize(_net(), check_latency=False, storage_sqnr=150)
     rows = {r["node"]: r for r in _pass_report(strict)["details"]}
     gemm = next(k for k, r in rows.items() if r["op"] == "Gemm")
@@ -305,6 +333,7 @@ def test_storage_sqnr_keeps_the_weights_whose_rounding_costs_most_float(monkeypa
 
 def test_unknown_weight_storage_is_a_user_error():
     from onnxopt.errors import UserError
+
     with pytest.raises(UserError, match="option 'weight_storage' = 'int4' is not allowed .allowed: one of int8, float"):
         _quantize(_net(), weight_storage="int4")
 
@@ -325,7 +354,7 @@ def test_bias_correction_gives_bias_less_convs_an_int32_bias():
 def test_timings_are_kept_per_cpu(monkeypatch, tmp_path):
     """A timing cache carried to another machine (a shared home, a baked image) must not decide
     there: the cache file is named for the CPU's model and instruction-set flags."""
-    from onnxopt import timing
+    from onnxopt.runtime import timing
 
     monkeypatch.setenv("ONNXOPT_CACHE", str(tmp_path))
     here = timing.TimingCache("quantize")
@@ -335,7 +364,6 @@ def test_timings_are_kept_per_cpu(monkeypatch, tmp_path):
     elsewhere = timing.TimingCache("quantize")
     assert elsewhere.path != here.path and elsewhere.get("layer") is None
     assert timing.TimingCache("quantize", path=here.path).get("layer") == [1.0, 2.0]
-
 
 
 MATMUL_ADD = """
@@ -361,15 +389,19 @@ g (float[1, 16, 8, 8] x) => (float[1, 8, 16, 16] y) {
 def _with_weights(text: str, **shapes) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     model = onnx.parser.parse_model(text)
-    model.graph.initializer.extend(numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), k)
-                                   for k, shape in shapes.items())
+    model.graph.initializer.extend(
+        numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), k) for k, shape in shapes.items()
+    )
     return model
 
 
 def _left_weight_dq(model: onnx.ModelProto) -> list[str]:
     """Weight DequantizeLinear nodes still in onnxruntime's optimized graph (run on every call)."""
-    return [n.name for n in optimized_nodes(model)
-            if n.op_type == "DequantizeLinear" and n.name.endswith("_w_DequantizeLinear")]
+    return [
+        n.name
+        for n in optimized_nodes(model)
+        if n.op_type == "DequantizeLinear" and n.name.endswith("_w_DequantizeLinear")
+    ]
 
 
 def test_matmul_outputs_are_quantized_so_onnxruntime_fuses_them():
@@ -387,7 +419,7 @@ def test_a_layer_onnxruntime_leaves_unfused_stays_float(monkeypatch):
     """onnxruntime's CPU EP has no integer ConvTranspose: its weight's DequantizeLinear would run on
     every call. Even when the per-layer timings say int8 is faster, the pass sees the surviving
     DequantizeLinear in onnxruntime's optimized graph and keeps that layer float, the Conv int8."""
-    from onnxopt import timing
+    from onnxopt.runtime import timing
 
     monkeypatch.setattr(timing.TimingCache, "measure", lambda self, key, models, feeds, runs=20: [2.0, 1.0])
     model = _with_weights(CONV_TRANSPOSE, W1=(32, 16, 3, 3), W2=(32, 8, 2, 2))

@@ -3,6 +3,7 @@ already-quantized models (onnxruntime's dynamic quantization), and models with n
 
 Each test builds a small model of the same structure; a no-op must always say why.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,8 +17,9 @@ from onnx import numpy_helper as nh
 
 import onnxopt
 from onnxopt.kernels.metrics import sqnr_db
-from onnxopt.qdq import optimized_op_types, walk_graphs
-from onnxopt.runtime import make_session
+from onnxopt.passes.quantize.optimized import optimized_op_types
+from onnxopt.passes.quantize.proto_graphs import walk_graphs
+from onnxopt.runtime.sessions import make_session
 
 
 @pytest.fixture(autouse=True)
@@ -31,23 +33,32 @@ def _if_lstm(hidden: int = 32, inputs: int = 16, seed: int = 0) -> onnx.ModelPro
     rng = np.random.default_rng(seed)
 
     def branch(tag: str) -> onnx.GraphProto:
-        lstm = h.make_node("LSTM", ["xt", f"W_{tag}", f"R_{tag}", f"B_{tag}"], ["Y", "Yh"], name=f"lstm_{tag}",
-                           hidden_size=hidden)
+        lstm = h.make_node(
+            "LSTM", ["xt", f"W_{tag}", f"R_{tag}", f"B_{tag}"], ["Y", "Yh"], name=f"lstm_{tag}", hidden_size=hidden
+        )
         sq = h.make_node("Squeeze", ["Yh", "ax0"], [f"out_{tag}"], name=f"sq_{tag}")
-        return h.make_graph([lstm, sq], f"br_{tag}", [],
-                            [h.make_tensor_value_info(f"out_{tag}", T.FLOAT, [1, hidden])])
+        return h.make_graph([lstm, sq], f"br_{tag}", [], [h.make_tensor_value_info(f"out_{tag}", T.FLOAT, [1, hidden])])
 
-    nodes = [h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="tr"),
-             h.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
-             h.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
-             h.make_node("If", ["c"], ["y"], name="branchy", then_branch=branch("a"), else_branch=branch("b"))]
+    nodes = [
+        h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="tr"),
+        h.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
+        h.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+        h.make_node("If", ["c"], ["y"], name="branchy", then_branch=branch("a"), else_branch=branch("b")),
+    ]
     inits = [nh.from_array(np.array([0], np.int64), "ax0"), nh.from_array(np.zeros((1,), np.float32), "zero")]
     for tag in "ab":
-        inits += [nh.from_array((rng.standard_normal((1, 4 * hidden, inputs)) * 0.3).astype(np.float32), f"W_{tag}"),
-                  nh.from_array((rng.standard_normal((1, 4 * hidden, hidden)) * 0.2).astype(np.float32), f"R_{tag}"),
-                  nh.from_array((rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32), f"B_{tag}")]
-    g = h.make_graph(nodes, "if_lstm", [h.make_tensor_value_info("x", T.FLOAT, [1, 10, inputs])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, hidden])], inits)
+        inits += [
+            nh.from_array((rng.standard_normal((1, 4 * hidden, inputs)) * 0.3).astype(np.float32), f"W_{tag}"),
+            nh.from_array((rng.standard_normal((1, 4 * hidden, hidden)) * 0.2).astype(np.float32), f"R_{tag}"),
+            nh.from_array((rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32), f"B_{tag}"),
+        ]
+    g = h.make_graph(
+        nodes,
+        "if_lstm",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 10, inputs])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, hidden])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
@@ -57,19 +68,33 @@ def _loop_matmul(n: int = 64, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     w_local = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
     body = h.make_graph(
-        [h.make_node("MatMul", ["v_in", "W_outer"], ["a"], name="body_mm_outer"),
-         h.make_node("Tanh", ["a"], ["t"], name="body_tanh"),
-         h.make_node("Constant", [], ["W_local"], name="body_const", value=nh.from_array(w_local, "W_local")),
-         h.make_node("MatMul", ["t", "W_local"], ["v_out"], name="body_mm_local"),
-         h.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")],
-        "body", [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
-                 h.make_tensor_value_info("v_in", T.FLOAT, [1, n])],
-        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("v_out", T.FLOAT, [1, n])])
+        [
+            h.make_node("MatMul", ["v_in", "W_outer"], ["a"], name="body_mm_outer"),
+            h.make_node("Tanh", ["a"], ["t"], name="body_tanh"),
+            h.make_node("Constant", [], ["W_local"], name="body_const", value=nh.from_array(w_local, "W_local")),
+            h.make_node("MatMul", ["t", "W_local"], ["v_out"], name="body_mm_local"),
+            h.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("v_in", T.FLOAT, [1, n]),
+        ],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("v_out", T.FLOAT, [1, n])],
+    )
     nodes = [h.make_node("Loop", ["trips", "", "x"], ["y"], name="looper", body=body)]
-    inits = [nh.from_array(np.array(3, np.int64), "trips"),
-             nh.from_array((rng.standard_normal((n, n)) * 1.5 / np.sqrt(n)).astype(np.float32), "W_outer")]
-    g = h.make_graph(nodes, "loop_mm", [h.make_tensor_value_info("x", T.FLOAT, [1, n])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, n])], inits)
+    inits = [
+        nh.from_array(np.array(3, np.int64), "trips"),
+        nh.from_array((rng.standard_normal((n, n)) * 1.5 / np.sqrt(n)).astype(np.float32), "W_outer"),
+    ]
+    g = h.make_graph(
+        nodes,
+        "loop_mm",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, n])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, n])],
+        inits,
+    )
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
@@ -114,8 +139,9 @@ def test_lstm_weights_inside_if_branches_get_int8_storage_reported_per_layer():
     assert not {"W_a", "R_a", "W_b", "R_b"} & set(_initializers(res.model))
     onnx.checker.check_model(res.model, full_check=True)
     # onnxruntime folds them back at load, bodies included: the same kernels run
-    assert collections.Counter(optimized_op_types(res.model, subgraphs=True)) == \
-        collections.Counter(optimized_op_types(model, subgraphs=True))
+    assert collections.Counter(optimized_op_types(res.model, subgraphs=True)) == collections.Counter(
+        optimized_op_types(model, subgraphs=True)
+    )
     assert _sqnr(model, res.model, data) > 30
 
 
@@ -165,7 +191,7 @@ def _dynamic_quantized(tmp_path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     }
     """
     model = onnx.parser.parse_model(text)
-    for i, name in enumerate(("W1", "W2", "W3")):
+    for name in ("W1", "W2", "W3"):
         model.graph.initializer.append(nh.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), name))
     for i, n in enumerate(model.graph.node):
         n.name = f"mm{i}" if n.op_type == "MatMul" else f"n{i}"
@@ -198,7 +224,8 @@ def test_already_quantized_layers_are_reported_and_kept_exact(tmp_path):
     a, b = make_session(quantized), make_session(folded)
     for d in data:
         np.testing.assert_array_equal(a.run(None, d)[0], b.run(None, d)[0])
-    from onnxopt.report import format_report
+    from onnxopt.report.tables import format_report
+
     assert "already int8 (2)" in format_report(res.report)
 
 
@@ -212,8 +239,13 @@ def test_nothing_quantizable_says_why():
     """
     model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(0)
-    data = [{"q": rng.standard_normal((1, 8, 16)).astype(np.float32),
-             "k": rng.standard_normal((1, 16, 8)).astype(np.float32)} for _ in range(3)]
+    data = [
+        {
+            "q": rng.standard_normal((1, 8, 16)).astype(np.float32),
+            "k": rng.standard_normal((1, 16, 8)).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
     res = onnxopt.optimize(model, pipeline="quantize", calibration=data)
     rec = _record(res)
     assert not rec["changed"]

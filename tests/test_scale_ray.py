@@ -1,6 +1,7 @@
 """The Ray executor on a local instance of 2 CPUs: calibration ranges, sensitivity decisions and validation
 metrics identical to the local executor (1 and 2 processes), a killed worker retried, optimize-many
 byte-identical."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,12 +9,11 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'onnxopt[ray]'")
 
 from onnxopt.cli import main  # noqa: E402
-from onnxopt.data import CalibrationData, seeded_inputs  # noqa: E402
-from onnxopt.executor import LocalExecutor, RayExecutor, ray_init_local  # noqa: E402
+from onnxopt.data.samples import CalibrationData, seeded_inputs  # noqa: E402
+from onnxopt.data.sharded_calibration import sharded_observe  # noqa: E402
+from onnxopt.ir.model_io import load_model  # noqa: E402
 from onnxopt.kernels.ranges import range_minmax, range_percentile  # noqa: E402
-from onnxopt.model_io import load_model  # noqa: E402
-from onnxopt.sharded_calibration import sharded_observe  # noqa: E402
-
+from onnxopt.runtime.executor import LocalExecutor, RayExecutor, ray_init_local  # noqa: E402
 from tests import scale_tasks  # noqa: E402
 from tests.conftest import real_model  # noqa: E402
 from tests.test_fleet import write_fleet  # noqa: E402
@@ -60,11 +60,11 @@ def test_calibration_and_sensitivity_identical_on_every_executor(executors, tmp_
     ref = stats["local-1"]
     for name, got in stats.items():
         assert all(got[t] == ref[t] for t in mac_inputs), name
-        assert [range_percentile(got[t], 99.99) for t in mac_inputs] == \
-            [range_percentile(ref[t], 99.99) for t in mac_inputs]
+        assert [range_percentile(got[t], 99.99) for t in mac_inputs] == [
+            range_percentile(ref[t], 99.99) for t in mac_inputs
+        ]
         assert [range_minmax(got[t]) for t in mac_inputs] == [range_minmax(ref[t]) for t in mac_inputs]
-    runs = {name: scale_tasks.quantize_sensitivity(model, data, ex, target_sqnr=40.0)
-            for name, ex in executors.items()}
+    runs = {name: scale_tasks.quantize_sensitivity(model, data, ex, target_sqnr=40.0) for name, ex in executors.items()}
     assert runs["local-2"] == runs["local-1"] and runs["ray"] == runs["local-1"]
     decisions = runs["local-1"][1]
     assert any(not int8 for _, int8, _ in decisions) and any(int8 for _, int8, _ in decisions)
@@ -74,8 +74,9 @@ def test_optimize_many_on_ray_matches_local(executors, tmp_path):
     assert main(["optimize-many", str(write_fleet(tmp_path, "local"))]) == 0
     assert main(["optimize-many", str(write_fleet(tmp_path, "ray")), "--executor", "ray"]) == 0
     for name in ("tiny", "cls"):
-        assert (tmp_path / "ray" / f"{name}.opt.onnx").read_bytes() == \
-            (tmp_path / "local" / f"{name}.opt.onnx").read_bytes()
+        assert (tmp_path / "ray" / f"{name}.opt.onnx").read_bytes() == (
+            tmp_path / "local" / f"{name}.opt.onnx"
+        ).read_bytes()
     assert ray.is_initialized()  # the command reused the test's Ray session and left it running
 
 

@@ -1,4 +1,5 @@
 """`onnxopt validate`: verdicts, thresholds, skipped and failed EPs, placement and the report."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,12 @@ import onnx
 import onnx.numpy_helper as nh
 import pytest
 
-from onnxopt.ep import envs
+from onnxopt.analysis.shapes import parse_input_shapes
 from onnxopt.errors import UserError
-from onnxopt.validate import (ThresholdSet, add_validate_arguments, parse_input_shapes, run_validate_command,
-                              validate)
+from onnxopt.verify.ep import envs
+from onnxopt.verify.tolerance import ThresholdSet
+from onnxopt.verify.validate import validate
+from onnxopt.verify.validate_cli import add_validate_arguments, run_validate_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CLS_MODEL = ROOT / ".fixtures" / "models" / "cls.onnx"
@@ -150,8 +153,7 @@ kill -9 $$
 
 def test_unavailable_named_interpreter_is_skipped(conv_models):
     ref, _ = conv_models
-    report = validate(ref, ref, eps=("openvino",), samples=1, runs=1,
-                      ep_python={"openvino": "/nonexistent/python"})
+    report = validate(ref, ref, eps=("openvino",), samples=1, runs=1, ep_python={"openvino": "/nonexistent/python"})
     assert report.eps[0].status == "skipped" and "/nonexistent/python" in report.eps[0].reason
     assert not report.passed  # the only EP asked for never ran: nothing was judged
 
@@ -189,8 +191,11 @@ def test_real_cls_model_on_openvino(tmp_path):
         pytest.skip(f"{CLS_MODEL} missing; run `python fixtures/fetch_models.py`")
     need_openvino()
     model = onnx.load(CLS_MODEL)
-    weight = next(n.attribute[0].t for n in model.graph.node  # PP-OCR keeps conv weights in Constant nodes
-                  if n.op_type == "Constant" and len(n.attribute[0].t.dims) == 4)
+    weight = next(
+        n.attribute[0].t
+        for n in model.graph.node  # PP-OCR keeps conv weights in Constant nodes
+        if n.op_type == "Constant" and len(n.attribute[0].t.dims) == 4
+    )
     weight.CopyFrom(nh.from_array(nh.to_array(weight) * 1.05, weight.name))
     broken = _save(model, tmp_path / "cls_broken.onnx")
     shapes = {"x": (1, 3, 48, 192)}

@@ -9,6 +9,7 @@
 Small models from onnx.parser; an "EP" that is the CPU EP behind a fake interpreter stands in
 for a backend that miscomputes or crashes, so these run without OpenVINO.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from test_validate import CONV
 
 import onnxopt
-from onnxopt.ep import envs
 from onnxopt.errors import UserError
-from onnxopt.executor import LocalExecutor
 from onnxopt.kernels.metrics import class_axis, distribution_rows, nonfinite_mismatch
-from onnxopt.provenance import PIPELINE_KEY, TOLERANCE_KEY, record_provenance, recorded_provenance
-from onnxopt.validate import (PASS_THRESHOLDS, add_validate_arguments, class_score_outputs, merge_sample_metrics,
-                              run_validate_command, sample_metrics, validate)
-from test_validate import CONV
+from onnxopt.runtime.executor import LocalExecutor
+from onnxopt.verify.comparison import class_score_outputs, merge_sample_metrics, sample_metrics
+from onnxopt.verify.ep import envs
+from onnxopt.verify.provenance import PIPELINE_KEY, TOLERANCE_KEY, record_provenance, recorded_provenance
+from onnxopt.verify.tolerance import Tolerance
+from onnxopt.verify.validate import validate
+from onnxopt.verify.validate_cli import add_validate_arguments, run_validate_command
 
 CLASSIFIER = CONV  # a small Conv classifier ending in Softmax (tests/test_validate.py)
 # a detector-like head: per anchor, 64 raw scores (no softmax) on a large common offset
@@ -103,6 +106,7 @@ def consistent(report) -> bool:
 
 
 # ---------------------------------------------------------------- tolerance from the candidate's record
+
 
 @pytest.fixture
 def classifier(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -178,6 +182,7 @@ def test_readme_example_passes_on_a_quantized_candidate(classifier, tmp_path):
 
 # ---------------------------------------------------------------- top-k only for class scores
 
+
 def test_class_scores_are_recognised_conservatively():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 7, 10))
@@ -196,8 +201,11 @@ def test_box_tensor_is_not_judged_by_topk(tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 64))
     ref = save(BOXES % floats(w), tmp_path / "det.onnx")
-    cand = save(BOXES % floats(w * (1 + 0.2 * rng.standard_normal(w.shape))), tmp_path / "det.q.onnx",
-                {TOLERANCE_KEY: "quantize"})
+    cand = save(
+        BOXES % floats(w * (1 + 0.2 * rng.standard_normal(w.shape))),
+        tmp_path / "det.q.onnx",
+        {TOLERANCE_KEY: "quantize"},
+    )
     report = validate(ref, cand, samples=3, runs=1, warmup=0)
     pass_check = report.pass_checks[0]
     assert pass_check.topk is None and pass_check.sqnr_db > 40 and pass_check.cosine > 0.9999
@@ -212,8 +220,11 @@ def test_topk_outputs_flag(tmp_path, capsys):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 64))
     ref = save(BOXES % floats(w), tmp_path / "det.onnx")
-    cand = save(BOXES % floats(w * (1 + 0.2 * rng.standard_normal(w.shape))), tmp_path / "det.q.onnx",
-                {TOLERANCE_KEY: "quantize"})
+    cand = save(
+        BOXES % floats(w * (1 + 0.2 * rng.standard_normal(w.shape))),
+        tmp_path / "det.q.onnx",
+        {TOLERANCE_KEY: "quantize"},
+    )
     assert cli(str(ref), str(cand)) == 0
     assert cli(str(ref), str(cand), "--topk-outputs", "boxes") == 1
     assert "top1 agreement" in capsys.readouterr().out
@@ -221,14 +232,16 @@ def test_topk_outputs_flag(tmp_path, capsys):
 
 # ---------------------------------------------------------------- one consistent verdict
 
+
 def test_topk_failure_fails_the_ep_block_too(tmp_path):
     """Under `quantize`, top-1 of near-tied softmax classes breaks while cosine/SQNR hold: the pass check
     failed and the EP block used to say PASSED (its end-to-end limits dropped top-k)."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 64)) * 0.05
     ref = save(TIED % floats(w), tmp_path / "tied.onnx")
-    cand = save(TIED % floats(w + rng.standard_normal(w.shape) * 0.02), tmp_path / "tied.q.onnx",
-                {TOLERANCE_KEY: "quantize"})
+    cand = save(
+        TIED % floats(w + rng.standard_normal(w.shape) * 0.02), tmp_path / "tied.q.onnx", {TOLERANCE_KEY: "quantize"}
+    )
     report = validate(ref, cand, samples=8, runs=1, warmup=0)
     pass_check = report.pass_checks[0]
     assert pass_check.topk < 0.9 and pass_check.cosine > 0.99, report.format_table()
@@ -249,6 +262,7 @@ def test_pass_check_failure_is_carried_into_every_ep_block(classifier, tmp_path)
 
 # ---------------------------------------------------------------- when the original fails too
 
+
 def fake_ep(tmp_path: Path, scale_ref: float, scale_cand: float, kill_cand: bool = False) -> str:
     """An 'OpenVINO interpreter' that is the CPU EP in disguise and miscomputes on purpose.
 
@@ -256,8 +270,9 @@ def fake_ep(tmp_path: Path, scale_ref: float, scale_cand: float, kill_cand: bool
     (a backend that gets a model wrong), or kills CAND's worker (a backend that crashes on it).
     """
     fake = tmp_path / "fake-ov-python"
-    probe = json.dumps({"version": "fake", "providers": ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
-                        "python": "3"})
+    probe = json.dumps(
+        {"version": "fake", "providers": ["OpenVINOExecutionProvider", "CPUExecutionProvider"], "python": "3"}
+    )
     fake.write_text(f"""#!{sys.executable}
 import json, os, signal, subprocess, sys
 import numpy as np
@@ -310,16 +325,24 @@ def test_backend_that_gets_the_original_wrong_too_is_inconclusive(pair, tmp_path
 
 def test_backend_that_gets_only_the_candidate_wrong_fails_it(pair, tmp_path):
     ref, cand = pair
-    report = validate(ref, cand, eps=("openvino",), samples=2, runs=1, warmup=0,
-                      ep_python={"openvino": fake_ep(tmp_path, 1.0, 1.3)})
+    report = validate(
+        ref, cand, eps=("openvino",), samples=2, runs=1, warmup=0, ep_python={"openvino": fake_ep(tmp_path, 1.0, 1.3)}
+    )
     ov = report.eps[0]
     assert ov.status == "failed" and not ov.ref_checks[0].violations and report.verdict == "failed"
 
 
 def test_candidate_crash_where_the_original_runs_is_the_candidates_failure(pair, tmp_path):
     ref, cand = pair
-    report = validate(ref, cand, eps=("openvino",), samples=2, runs=1, warmup=0,
-                      ep_python={"openvino": fake_ep(tmp_path, 1.0, 1.0, kill_cand=True)})
+    report = validate(
+        ref,
+        cand,
+        eps=("openvino",),
+        samples=2,
+        runs=1,
+        warmup=0,
+        ep_python={"openvino": fake_ep(tmp_path, 1.0, 1.0, kill_cand=True)},
+    )
     ov = report.eps[0]
     assert ov.status == "failed" and "SIGKILL" in ov.errors[0] and report.verdict == "failed"
 
@@ -328,11 +351,13 @@ def test_sharded_path_reaches_the_same_conclusion(pair, tmp_path):
     ref, cand = pair
     ov = {"openvino": fake_ep(tmp_path, 1.3, 1.3)}
     with LocalExecutor(2) as pool:
-        got = validate(ref, cand, eps=("cpu", "openvino"), samples=3, runs=1, warmup=0, ep_python=ov,
-                       executor=pool)
+        got = validate(ref, cand, eps=("cpu", "openvino"), samples=3, runs=1, warmup=0, ep_python=ov, executor=pool)
     single = validate(ref, cand, eps=("cpu", "openvino"), samples=3, runs=1, warmup=0, ep_python=ov)
-    assert [(e.ep, e.status) for e in got.eps] == [(e.ep, e.status) for e in single.eps] == [
-        ("cpu", "passed"), ("openvino", "inconclusive")]
+    assert (
+        [(e.ep, e.status) for e in got.eps]
+        == [(e.ep, e.status) for e in single.eps]
+        == [("cpu", "passed"), ("openvino", "inconclusive")]
+    )
     assert [c.cosine for c in got.eps[1].ref_checks] == [c.cosine for c in single.eps[1].ref_checks]
 
 
@@ -348,6 +373,7 @@ def test_original_failing_on_the_cpu_ep_is_not_the_candidates_fault(tmp_path, ca
 
 
 # ---------------------------------------------------------------- wrong candidates that used to pass
+
 
 def test_nan_in_the_reference_does_not_hide_a_wrong_candidate(tmp_path):
     c = np.arange(1, 7, dtype=np.float32)
@@ -370,7 +396,7 @@ def test_new_nan_fails_and_metrics_ignore_nan():
     ref = {"y": np.array([[1.0, 2.0, 3.0]], np.float32)}
     cand = {"y": np.array([[1.0, np.nan, 3.0]], np.float32)}
     rows = [sample_metrics(ref, cand, 1)]
-    check = merge_sample_metrics("pass", rows, PASS_THRESHOLDS["quantize"])[0]
+    check = merge_sample_metrics("pass", rows, Tolerance.QUANTIZE.pass_)[0]
     assert check.violations and check.nonfinite == 1 and check.cosine == pytest.approx(1.0)
     assert nonfinite_mismatch(np.array([np.inf, -np.inf, np.nan]), np.array([np.inf, np.inf, np.nan])) == 1
 
@@ -402,8 +428,25 @@ def test_optimize_validate_judges_with_the_recorded_tolerance(classifier, tmp_pa
     ref, _, _ = classifier
     out = tmp_path / "folded.onnx"
     report = tmp_path / "v.json"
-    code = main(["optimize", str(ref), "-o", str(out), "-p", "fold", "--quiet", "--validate", "cpu",
-                 "--validate-samples", "2", "--validate-runs", "1", "--validate-report", str(report)])
+    code = main(
+        [
+            "optimize",
+            str(ref),
+            "-o",
+            str(out),
+            "-p",
+            "fold",
+            "--quiet",
+            "--validate",
+            "cpu",
+            "--validate-samples",
+            "2",
+            "--validate-runs",
+            "1",
+            "--validate-report",
+            str(report),
+        ]
+    )
     assert code == 0, capsys.readouterr()
     saved = json.loads(report.read_text())
     assert saved["verdict"] == "passed" and saved["thresholds"]["tolerance"] == "exact"

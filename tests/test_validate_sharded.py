@@ -1,6 +1,7 @@
 """`validate` with an executor: the accuracy runs in shards of samples on local processes (and Ray, in
 tests/test_scale_ray.py) give the same per-output metrics and verdict as the single-process path, while
 placement and latency are still measured on the driver."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,9 @@ import onnx.numpy_helper as nh
 import pytest
 
 import onnxopt
-from onnxopt.ep import envs
-from onnxopt.executor import Executor, LocalExecutor
-from onnxopt.validate import ValidationReport, validate
-
+from onnxopt.runtime.executor import Executor, LocalExecutor
+from onnxopt.verify.ep import envs
+from onnxopt.verify.validate import ValidationReport, validate
 from tests.conftest import real_model
 from tests.test_validate import cli, conv_models  # noqa: F401  (the fixture is used by name)
 
@@ -37,13 +37,18 @@ def cls_case(tmp_path: Path) -> tuple[Path, Path, Path, list[str]]:
 
 def accuracy(report: ValidationReport) -> tuple:
     """Everything validation says about accuracy (latency aside): per-output metrics, statuses, verdict."""
-    return ([dataclasses.asdict(c) for c in report.pass_checks], report.pass_errors,
-            [(e.ep, e.status, [dataclasses.asdict(c) for c in e.checks]) for e in report.eps], report.passed)
+    return (
+        [dataclasses.asdict(c) for c in report.pass_checks],
+        report.pass_errors,
+        [(e.ep, e.status, [dataclasses.asdict(c) for c in e.checks]) for e in report.eps],
+        report.passed,
+    )
 
 
 def run_case(ref: Path, cand: Path, eps: list[str], executor: Executor | None) -> ValidationReport:
-    return validate(ref, cand, eps, samples=5, seed=1, input_shapes={"x": (1, 3, 48, 192)}, runs=2, warmup=1,
-                    executor=executor)
+    return validate(
+        ref, cand, eps, samples=5, seed=1, input_shapes={"x": (1, 3, 48, 192)}, runs=2, warmup=1, executor=executor
+    )
 
 
 def test_sharded_validation_equals_single_process(tmp_path):

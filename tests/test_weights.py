@@ -1,10 +1,11 @@
-"""Big-model mode (`onnxopt.weights`) on small models: thresholds lowered so a 0.5 MB model is staged.
+"""Big-model mode (`onnxopt.ir.weights`) on small models: thresholds lowered so a 0.5 MB model is staged.
 
 The same code paths as a model over 2 GB (tests/test_big_model.py runs one
 through the CLI): weights memory-mapped from the staging directory, new large
 weights spilled there, onnxruntime sessions built from files written there,
 output saved file to file; the input is never written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,11 +15,11 @@ import onnx
 import pytest
 
 from bench.big_model import make_big_model, outputs
-from onnxopt import weights
 from onnxopt.api import optimize
 from onnxopt.errors import UserError
-from onnxopt.model_io import load_model
-from onnxopt.runtime import make_session
+from onnxopt.ir import weights
+from onnxopt.ir.model_io import load_model
+from onnxopt.runtime.sessions import make_session
 
 K, M = 256, 272
 
@@ -83,7 +84,7 @@ def test_quantize_runs_on_a_staged_model(staged, tmp_path):
     onnx.checker.check_model(str(out))
     x = rng.standard_normal((2, K), dtype=np.float32)
     ref, got = outputs(staged, x), outputs(out, x)
-    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+    assert 10 * np.log10((ref**2).sum() / ((ref - got) ** 2).sum()) > 25
 
 
 def test_truncated_external_data_is_one_clear_error(staged):
@@ -99,7 +100,8 @@ def test_int8_storage_check_layer_by_layer_agrees_with_whole_model(staged, monke
     of that layer alone (a whole-model session would fold them all at once); small models check the
     whole model. With onnxruntime's constant-folding output cap below the weights' size both must
     keep float weights, and without it both must store int8."""
-    from onnxopt import qdq, runtime
+    from onnxopt.passes.quantize import optimized as qdq
+    from onnxopt.runtime import sessions as runtime
 
     def capped(threads=2, optimize=True):
         so = runtime.session_options(threads, optimize)

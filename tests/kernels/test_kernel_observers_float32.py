@@ -1,4 +1,5 @@
 """The float32 fast path of HistogramObserver.update matches the general float64 path bit for bit."""
+
 import numpy as np
 import pytest
 

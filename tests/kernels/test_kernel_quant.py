@@ -7,13 +7,13 @@ from hypothesis import strategies as st
 
 from onnxopt.kernels import quant as quant_kernels
 from onnxopt.kernels.quant import (
-    block_layout,
-    quantize_weight_blocks,
     BiasQuantizationError,
+    block_layout,
     dequantize,
     qrange,
     quantize,
     quantize_bias,
+    quantize_weight_blocks,
     quantize_weight_per_channel,
     quantize_weight_per_tensor,
     scale_zero_point,
@@ -91,8 +91,9 @@ def _channel_scaled(shape, axis, seed=0):
     return w * mags.reshape(bshape)
 
 
-@pytest.mark.parametrize("shape,axis", [((8, 3, 3, 3), 0), ((4, 6, 3, 3), 1), ((16, 5), -1)],
-                         ids=["conv", "conv_transpose", "matmul_KN"])
+@pytest.mark.parametrize(
+    "shape,axis", [((8, 3, 3, 3), 0), ((4, 6, 3, 3), 1), ((16, 5), -1)], ids=["conv", "conv_transpose", "matmul_KN"]
+)
 def test_per_channel_weights(shape, axis):
     w = _channel_scaled(shape, axis)
     q, scales, zps = quantize_weight_per_channel(w, axis)
@@ -165,15 +166,18 @@ def test_reduce_range_weights_never_saturate_but_full_range_can():
     assert not u8s8_saturates(np.full((3, 5), -64, dtype=np.int8), 1)
 
 
-@pytest.mark.parametrize("shape,axis,layout", [
-    ((480, 240, 1, 1), 0, ((480, 15, 16), 2)),    # 240 is not a multiple of 32: blocks of 16
-    ((64, 32, 3, 3), 0, ((64, 9, 32), 2)),
-    ((256, 96), 1, ((8, 32, 96), 1)),             # MatMul [K, N]: blocks along K
-    ((120, 6625), 1, None),                       # 120 = 8 * 15: blocks of 8 would cost more than they save
-    ((16, 1, 3, 3), 0, None),                     # reduction of 9
-    ((4, 5, 3, 3), 1, None),                      # ConvTranspose layout
-    ((64,), 0, None),
-])
+@pytest.mark.parametrize(
+    "shape,axis,layout",
+    [
+        ((480, 240, 1, 1), 0, ((480, 15, 16), 2)),  # 240 is not a multiple of 32: blocks of 16
+        ((64, 32, 3, 3), 0, ((64, 9, 32), 2)),
+        ((256, 96), 1, ((8, 32, 96), 1)),  # MatMul [K, N]: blocks along K
+        ((120, 6625), 1, None),  # 120 = 8 * 15: blocks of 8 would cost more than they save
+        ((16, 1, 3, 3), 0, None),  # reduction of 9
+        ((4, 5, 3, 3), 1, None),  # ConvTranspose layout
+        ((64,), 0, None),
+    ],
+)
 def test_block_layout(shape, axis, layout):
     assert block_layout(shape, axis, 32) == layout
 
@@ -200,13 +204,21 @@ def test_weights_quantized_in_slabs_equal_whole(monkeypatch, shape, axis):
     """Big weights are processed a slab of rows at a time; any slab size gives the same bits."""
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 3
     w.reshape(-1)[3] = 40.0  # one outlier: its slab alone sees it
-    whole = (quantize_weight_per_tensor(w), quantize_weight_per_channel(w, axis),
-             quantize_weight_per_channel(w, axis, reduce_range=True), quantize_weight_blocks(w, axis, 16),
-             u8s8_saturates(quantize_weight_per_channel(w, axis)[0], [a for a in range(w.ndim) if a != axis]))
+    whole = (
+        quantize_weight_per_tensor(w),
+        quantize_weight_per_channel(w, axis),
+        quantize_weight_per_channel(w, axis, reduce_range=True),
+        quantize_weight_blocks(w, axis, 16),
+        u8s8_saturates(quantize_weight_per_channel(w, axis)[0], [a for a in range(w.ndim) if a != axis]),
+    )
     monkeypatch.setattr(quant_kernels, "SLAB_ELEMENTS", 7)
-    sliced = (quantize_weight_per_tensor(w), quantize_weight_per_channel(w, axis),
-              quantize_weight_per_channel(w, axis, reduce_range=True), quantize_weight_blocks(w, axis, 16),
-              u8s8_saturates(quantize_weight_per_channel(w, axis)[0], [a for a in range(w.ndim) if a != axis]))
+    sliced = (
+        quantize_weight_per_tensor(w),
+        quantize_weight_per_channel(w, axis),
+        quantize_weight_per_channel(w, axis, reduce_range=True),
+        quantize_weight_blocks(w, axis, 16),
+        u8s8_saturates(quantize_weight_per_channel(w, axis)[0], [a for a in range(w.ndim) if a != axis]),
+    )
     for a, b in zip(whole[:4], sliced[:4]):
         if a is None:
             assert b is None

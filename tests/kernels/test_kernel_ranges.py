@@ -32,8 +32,14 @@ def gauss_hist():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "data",
-    [np.array([]), np.zeros(100), np.full(50, 5.0), np.full(50, -2.0), np.array([np.nan, 1e-30]),
-     np.abs(np.random.default_rng(2).standard_normal(1000)) + 10.0],
+    [
+        np.array([]),
+        np.zeros(100),
+        np.full(50, 5.0),
+        np.full(50, -2.0),
+        np.array([np.nan, 1e-30]),
+        np.abs(np.random.default_rng(2).standard_normal(1000)) + 10.0,
+    ],
     ids=["empty", "zeros", "single_positive", "single_negative", "nan_and_tiny", "far_from_zero"],
 )
 def test_ranges_are_finite_and_contain_zero(method, data):

@@ -6,24 +6,36 @@
 - `Optional <type = ...>` (`test_if_opt`): gs drops TYPE_PROTO attributes, so
   the exported Optional was invalid; they now travel through gs encoded.
 """
+
 from __future__ import annotations
 
 import onnx
 import pytest
 
 import onnxopt
-from onnxopt.conformance import iter_cases, run_case
+from onnxopt.testing.conformance import iter_cases, run_case
 
 
 @pytest.fixture(scope="module")
 def cases():
-    wanted = {"test_identity_opt", "test_if_opt", "test_optional_has_element_empty_optional_input",
-              "test_optional_get_element_optional_sequence"}
+    wanted = {
+        "test_identity_opt",
+        "test_if_opt",
+        "test_optional_has_element_empty_optional_input",
+        "test_optional_get_element_optional_sequence",
+    }
     return {c.name: c for c in iter_cases(["node"]) if c.name in wanted}
 
 
-@pytest.mark.parametrize("name", ["test_identity_opt", "test_if_opt", "test_optional_has_element_empty_optional_input",
-                                  "test_optional_get_element_optional_sequence"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_identity_opt",
+        "test_if_opt",
+        "test_optional_has_element_empty_optional_input",
+        "test_optional_get_element_optional_sequence",
+    ],
+)
 def test_optional_types_survive_fold_fuse(cases, name):
     case = cases[name]
     model, data = case.load()
@@ -46,8 +58,8 @@ def test_type_proto_attribute_round_trips(cases):
 def test_cse_does_not_merge_a_scalar_with_a_one_element_vector():
     """`test_rms_normalization_*_expanded`: fold's CSE keyed constants after np.ascontiguousarray, which turns
     a 0-d scalar 1-d, so ReduceMean's axes [1] were replaced by the scalar 1 (onnxruntime then fails)."""
-    from conftest import parse, run_model
     import numpy as np
+    from conftest import parse, run_model
 
     m = parse("""
     <ir_version: 8, opset_import: ["" : 18]>

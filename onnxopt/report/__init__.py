@@ -1,0 +1,1 @@
+"""What the user reads: terminal tables, JSON reports, progress bars."""

@@ -1,0 +1,1 @@
+"""Running models: onnxruntime sessions, robust latency measurement, local and Ray executors."""
