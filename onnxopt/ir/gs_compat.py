@@ -11,7 +11,7 @@ onnxopt relies on a few gs names that are not part of its documented API:
 - `onnx_graphsurgeon.logger.G_LOGGER.log` (replaced) and `.severity`: gs prints its warnings to stdout.
 
 Checked on onnx-graphsurgeon 0.6.1 with onnx 1.23 (0.5.x was not available to check).
-`tests/test_gs_compat.py` exercises each of them, so a gs release that changes one fails there first.
+`tests/ir/test_gs_compat.py` exercises each of them, so a gs release that changes one fails there first.
 """
 
 from __future__ import annotations

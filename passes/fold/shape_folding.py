@@ -22,16 +22,17 @@ def fold_shapes(graph: gs.Graph, counts: dict, info: dict[str, TensorInfo]) -> i
     """Replace fully known shape values by constants; give Reshape a -1 for its one dynamic entry.
 
     `info`: tensor shapes inferred on the graph as it is now; the graph's nodes must be in
-    topological order. Partial Reshape targets of the main graph are looked up among the values
-    of the graph evaluated last, which are the main graph's own only when the model has no bodies
-    (with bodies, those Reshapes keep their targets)."""
+    topological order. Partial Reshape targets are rewritten in the main graph, from the main
+    graph's own values (bodies are evaluated after it and must not stand in for them)."""
     owners = output_owners(graph)
     n = 0
-    values: dict[int, ShapeValue] = {}
+    main_values: dict[int, ShapeValue] = {}
     for g in iter_graphs(graph):
         values = evaluate_shape_values(g.nodes, info)
+        if g is graph:
+            main_values = values
         n += _fold_known_values(g, values, info, owners, counts)
-    return n + _fold_reshape_targets(graph, values, info, counts)
+    return n + _fold_reshape_targets(graph, main_values, info, counts)
 
 
 def _known_value(node: gs.Node, values: dict[int, ShapeValue], owners: dict[int, gs.Graph]) -> ShapeValue | None:

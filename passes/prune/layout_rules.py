@@ -172,8 +172,9 @@ class LayoutRules(ChannelWalk):
 
     def _op_Split(self, node: gs.Node) -> None:
         axis, ids = self.only_first_tracked(node)
-        # the rank of a tracked input is known in practice (an unknown one would raise TypeError here)
-        rank = cast(int, self.rank(node.inputs[0]))
+        rank = self.rank(node.inputs[0])
+        if rank is None:
+            raise Unsupported("unknown rank")
         sa = int(node.attrs.get("axis", 0)) % rank
         if sa != axis:
             for t in node.outputs:

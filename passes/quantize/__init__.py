@@ -16,7 +16,7 @@ because its work is building variant models (per-layer timings, sensitivity tria
 bisection for float layers) that are serialized for onnxruntime anyway and that worker
 processes receive as protos. `boundary.to_proto` exports the graph once when the pass starts
 and `boundary.write_back` puts the chosen model into the graph once when it ends; those two
-functions are the only crossing between the IRs (tests/test_quantize_boundary.py checks that
+functions are the only crossing between the IRs (tests/passes/test_quantize_boundary.py checks that
 the round trip is exact).
 """
 

@@ -1,5 +1,5 @@
 """`validate` with an executor: the accuracy runs in shards of samples on local processes (and Ray, in
-tests/test_scale_ray.py) give the same per-output metrics and verdict as the single-process path, while
+tests/runtime/test_scale_ray.py) give the same per-output metrics and verdict as the single-process path, while
 placement and latency are still measured on the driver."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from onnxopt.runtime.executor import Executor, LocalExecutor
 from onnxopt.verify.ep import envs
 from onnxopt.verify.validate import ValidationReport, validate
 from tests.conftest import real_model
-from tests.test_validate import cli, conv_models  # noqa: F401  (the fixture is used by name)
+from tests.verify.test_validate import cli, conv_models  # noqa: F401  (the fixture is used by name)
 
 
 def cls_case(tmp_path: Path) -> tuple[Path, Path, Path, list[str]]:

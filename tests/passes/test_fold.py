@@ -51,6 +51,35 @@ def test_dynamic_batch_reshape_becomes_minus_one():
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
 
 
+def test_dynamic_batch_reshape_becomes_minus_one_in_a_model_with_a_control_flow_body():
+    # regression: with an If anywhere in the model, main-graph Reshape targets were looked up among
+    # the shape values of the last body evaluated, so they kept their Shape/Gather/Concat chain
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 15]>
+    g (float[N, 3, 8, 8] x, bool c) => (float[N, 192] y, float[1] z) {
+        s = Shape (x)
+        zero = Constant <value = int64[1] {0}> ()
+        n = Gather <axis = 0> (s, zero)
+        s1 = Shape <start = 1> (x)
+        p = ReduceProd <keepdims = 1> (s1)
+        shape = Concat <axis = 0> (n, p)
+        y = Reshape (x, shape)
+        z = If (c) <
+            then_branch = t () => (float[1] a) { a = Constant <value = float[1] {1.0}> () },
+            else_branch = e () => (float[1] b) { b = Constant <value = float[1] {2.0}> () }
+        >
+    }""")
+    out = fold(m)
+    assert sorted(ops(out)) == ["If", "Reshape"]
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    target = next(i for i in out.graph.initializer if i.name == reshape.input[1])
+    assert onnx.numpy_helper.to_array(target).tolist() == [-1, 192]
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    y, z = run_model(out, {"x": x, "c": np.array(True)})
+    np.testing.assert_array_equal(y, x.reshape(3, 192))
+    assert z.tolist() == [1.0]
+
+
 def test_constant_subgraph_is_evaluated_and_constant_nodes_become_initializers():
     m = parse("""
     <ir_version: 8, opset_import: ["" : 15]>

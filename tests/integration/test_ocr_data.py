@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "fixtures" / "ocr_data.py"
+_PATH = Path(__file__).resolve().parents[2] / "fixtures" / "ocr_data.py"
 _SPEC = importlib.util.spec_from_file_location("ocr_data", _PATH)
 ocr = importlib.util.module_from_spec(_SPEC)
 sys.modules.setdefault("ocr_data", ocr)

@@ -15,9 +15,9 @@ from onnxopt.ir.model_io import load_model  # noqa: E402
 from onnxopt.kernels.ranges import range_minmax, range_percentile  # noqa: E402
 from onnxopt.runtime.executor import LocalExecutor, RayExecutor, ray_init_local  # noqa: E402
 from tests import scale_tasks  # noqa: E402
+from tests.cli.test_fleet import write_fleet  # noqa: E402
 from tests.conftest import real_model  # noqa: E402
-from tests.test_fleet import write_fleet  # noqa: E402
-from tests.test_validate_sharded import accuracy, cls_case, run_case  # noqa: E402
+from tests.verify.test_validate_sharded import accuracy, cls_case, run_case  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from onnxopt.verify.tolerance import Tolerance
 from onnxopt.verify.validate import validate
 from onnxopt.verify.validate_cli import add_validate_arguments, run_validate_command
 
-CLASSIFIER = CONV  # a small Conv classifier ending in Softmax (tests/test_validate.py)
+CLASSIFIER = CONV  # a small Conv classifier ending in Softmax (tests/verify/test_validate.py)
 # a detector-like head: per anchor, 64 raw scores (no softmax) on a large common offset
 BOXES = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -1,6 +1,6 @@
 """Big-model mode (`onnxopt.ir.weights`) on small models: thresholds lowered so a 0.5 MB model is staged.
 
-The same code paths as a model over 2 GB (tests/test_big_model.py runs one
+The same code paths as a model over 2 GB (tests/ir/test_big_model.py runs one
 through the CLI): weights memory-mapped from the staging directory, new large
 weights spilled there, onnxruntime sessions built from files written there,
 output saved file to file; the input is never written.

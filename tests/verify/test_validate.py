@@ -19,7 +19,7 @@ from onnxopt.verify.tolerance import ThresholdSet
 from onnxopt.verify.validate import validate
 from onnxopt.verify.validate_cli import add_validate_arguments, run_validate_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLS_MODEL = ROOT / ".fixtures" / "models" / "cls.onnx"
 
 CONV = """
@@ -132,7 +132,7 @@ def test_cuda_is_skipped_with_reason_never_passed(conv_models, monkeypatch):
 def test_worker_killed_mid_run_is_a_failed_check(conv_models, tmp_path):
     """An 'OpenVINO interpreter' that claims the provider, then is killed by SIGKILL while running the worker.
 
-    (tests/test_ep_worker.py kills the real worker in its timing loop.)
+    (tests/verify/test_ep_worker.py kills the real worker in its timing loop.)
     """
     ref, _ = conv_models
     fake = tmp_path / "fake-python"
