@@ -15,7 +15,7 @@ import onnx
 from onnxopt.analysis.stats import model_stats
 from onnxopt.data.pinning import pin_input_shapes
 from onnxopt.data.samples import CalibrationData, Sample
-from onnxopt.framework.context import PassContext
+from onnxopt.framework.context import PassContext, check_target
 from onnxopt.framework.manager import PassManager
 from onnxopt.framework.pass_api import Pass
 from onnxopt.framework.pipeline import DEFAULT_PIPELINE, build_pipeline
@@ -62,6 +62,7 @@ def optimize(
     verify_each: bool = False,
     settings: dict[str, Any] | None = None,
     input_values: dict[str, np.ndarray] | None = None,
+    target: str = "cpu",
 ) -> Result:
     """Optimize a model with `pipeline` (e.g. "fold,fuse,quantize{method=entropy}").
 
@@ -69,7 +70,10 @@ def optimize(
     {input_name: array}. `check`: compare with the original on that many seeded
     inputs on the CPU EP; the result's report carries the verdict. `input_values`
     fixes inputs of the seeded check data (control inputs such as a sample rate).
+    `target`: the runtime the model is for (`TARGETS`): fusions into runtime-specific operators
+    and quantization choices follow it (passes read `ctx.settings["target"]`).
     """
+    target = check_target(target)
     t0 = time.perf_counter()
     source = str(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else None
     passes = build_pipeline(pipeline)
@@ -80,7 +84,9 @@ def optimize(
     pinned = pin_input_shapes(original, input_shapes)  # --input-shape rewrites the inputs (onnxopt.data.pinning)
     calib = CalibrationData(calibration, original) if calibration is not None else None
     _require_data(passes, calib)
-    ctx = PassContext(calib, {"input_shapes": input_shapes, "source_path": source, **(settings or {})})
+    ctx = PassContext(
+        calib, {"input_shapes": input_shapes, "source_path": source, "target": target, **(settings or {})}
+    )
     before = model_stats(original, input_shapes)
     pm = PassManager(passes, ctx, dump_dir=dump_dir, verify_each=verify_each)
     # `original` is ours (loaded or copied): the result is written into it, so untouched
@@ -93,6 +99,7 @@ def optimize(
     report: dict[str, Any] = {
         "input": source,
         "pipeline": pipeline,
+        "target": target,
         "pinned": pinned.to_dict(),
         "before": before.to_dict(),
         "after": after.to_dict(),

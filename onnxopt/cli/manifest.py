@@ -4,6 +4,7 @@ Paths in it are relative to the manifest's directory:
 
     [defaults]                      # optional, applies to every [[model]]
     pipeline = "fold,fuse"
+    target = "cpu"                  # cpu, openvino or cuda (see optimize --target)
     output_dir = "optimized"        # where outputs go unless a model names its own
     check = 0
 
@@ -27,10 +28,11 @@ from typing import Any
 import tomllib
 
 from onnxopt.errors import UserError
+from onnxopt.framework.context import check_target
 from onnxopt.framework.pipeline import DEFAULT_PIPELINE, build_pipeline
 from onnxopt.ir.model_io import check_output_path, data_file_of, model_files
 
-MODEL_KEYS = {"input", "output", "pipeline", "calibration", "input_shapes", "check", "name"}
+MODEL_KEYS = {"input", "output", "pipeline", "target", "calibration", "input_shapes", "check", "name"}
 DEFAULT_KEYS = (MODEL_KEYS - {"input", "output", "name"}) | {"output_dir"}
 
 
@@ -45,6 +47,7 @@ class ModelJob:
     calibration: str | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
     check: int = 0
+    target: str = "cpu"
     protected: tuple[str, ...] = ()  # every job's input files: this job's output overwrites none of them
 
 
@@ -106,7 +109,11 @@ def _job(
     if not isinstance(check, int) or check < 0:
         raise UserError(f"{where}: check must be a non-negative integer")
     shapes = _shapes(spec["input_shapes"], where) if "input_shapes" in spec else None
-    return ModelJob(name, str(src), str(out), pipeline, calib, shapes, check)
+    try:
+        target = check_target(str(spec.get("target", "cpu")))
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return ModelJob(name, str(src), str(out), pipeline, calib, shapes, check, target)
 
 
 def _output(spec: dict[str, Any], base: Path, out_dir: Path, src: Path) -> Path:

@@ -13,6 +13,7 @@ from onnxopt.cli.errors import EXIT_CHECK, EXIT_OK
 from onnxopt.cli.logs import add_logging_options
 from onnxopt.data.samples import parse_input_values
 from onnxopt.errors import UserError
+from onnxopt.framework.context import TARGETS
 from onnxopt.framework.pass_api import Pass
 from onnxopt.framework.pipeline import DEFAULT_PIPELINE, build_pipeline
 from onnxopt.ir.model_io import check_data_beside, check_output_path, data_file_of
@@ -53,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_PIPELINE,
         help=f"passes to run, e.g. 'fold,fuse,quantize{{method=entropy}}' (default {DEFAULT_PIPELINE}; "
         "'simplify' = fold,fuse; see 'onnxopt passes')",
+    )
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="cpu",
+        help="the runtime the model is for: cpu and cuda (onnxruntime: com.microsoft fused operators "
+        "allowed), openvino (standard operators only); fusions and quantization follow it (default cpu)",
     )
     p.add_argument("--calib", metavar="PATH", help="calibration data for quantize/prune/lowrank")
     p.add_argument("--report", metavar="R.json", help="write the full report as JSON")
@@ -125,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             verify_each=args.verify_each,
             settings={"executor": executor},
             input_values=input_values,
+            target=args.target,
         )
         _log_passes(result)
         check = result.report.get("check")

@@ -111,6 +111,7 @@ def _optimize_and_save(job: ModelJob) -> JobResult:
         calibration=job.calibration,
         check=job.check,
         input_shapes=job.input_shapes,
+        target=job.target,
     )
     before, after = result.report["before"], result.report["after"]
     row = JobResult(

@@ -20,6 +20,19 @@ from onnxopt.errors import UserError
 
 log = logging.getLogger(__name__)
 
+#: The runtimes a pipeline can target. "cpu" and "cuda" are onnxruntime's CPU and CUDA execution
+#: providers, which run com.microsoft contrib operators; "openvino" (onnxruntime's OpenVINO EP)
+#: takes standard ONNX operators only.
+TARGETS = ("cpu", "openvino", "cuda")
+
+
+def check_target(target: str) -> str:
+    """`target` if it is one of `TARGETS`, else a UserError naming them."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target '{target}': choose one of {', '.join(TARGETS)}")
+    return target
+
+
 #: Analyses the context can compute on request: name -> function(graph, ctx) -> value.
 ANALYSES: dict[str, Callable[[gs.Graph, PassContext], Any]] = {}
 
@@ -40,8 +53,14 @@ class PassContext:
     def __init__(self, calibration: Any = None, settings: dict[str, Any] | None = None):
         self.calibration = calibration
         self.settings: dict[str, Any] = dict(settings or {})
+        self.settings.setdefault("target", "cpu")
         #: (analysis name, id(graph)) -> (graph, value); holding the graph keeps its id unique.
         self._cache: dict[tuple[str, int], tuple[gs.Graph, Any]] = {}
+
+    @property
+    def target(self) -> str:
+        """The runtime the pipeline optimizes for (one of `TARGETS`; "cpu" unless told)."""
+        return str(self.settings["target"])
 
     def analysis(self, name: str, graph: gs.Graph) -> Any:
         """The named analysis of `graph`, computed once and cached until a pass changes the graph."""

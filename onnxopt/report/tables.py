@@ -108,7 +108,8 @@ def unchanged_line(record: dict) -> str:
 
 def format_report(report: dict) -> str:
     """The text report `optimize` prints."""
-    parts = [summary_table(report["before"], report["after"]), "", passes_table(report["passes"])]
+    parts = [f"target: {report.get('target', 'cpu')}", summary_table(report["before"], report["after"]), ""]
+    parts.append(passes_table(report["passes"]))
     unchanged = [unchanged_line(r) for r in report["passes"] if not r["changed"]]
     if unchanged:
         parts += [""] + unchanged
