@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 
 from onnxopt.analysis.shapes import TensorInfo, concrete_input_shapes, infer_tensor_info
 from onnxopt.data.observe import with_outputs
@@ -34,7 +33,7 @@ from onnxopt.ir.ops import ops_where
 from onnxopt.passes.prune.channel_model import ChannelGroups, Group, Reducer, Site, Unsupported, const_value
 from onnxopt.passes.prune.channel_rules import ELEMENTWISE_OPS, REDUCE_OPS, UNARY_OPS, ComputeRules
 from onnxopt.passes.prune.layout_rules import LayoutRules
-from onnxopt.runtime.sessions import make_session
+from onnxopt.runtime.sessions import ORT_ERRORS, make_session
 
 #: The name the analysis is registered under (`ctx.analysis(CHANNEL_GROUPS, graph)`).
 CHANNEL_GROUPS = "channel_groups"
@@ -42,19 +41,7 @@ CHANNEL_GROUPS = "channel_groups"
 REDUCER_OPS = ops_where("prunable")
 #: What a failed onnxruntime run raises (an invalid or unsupported model, a bad feed), and what a
 #: feed of the wrong kind raises in numpy: the run was a best-effort source of shapes, so no shapes.
-_RUN_ERRORS = (
-    ort_state.Fail,
-    ort_state.InvalidArgument,
-    ort_state.InvalidGraph,
-    ort_state.NotImplemented,
-    ort_state.RuntimeException,
-    RuntimeError,
-    ValueError,
-    TypeError,
-    KeyError,
-    OSError,
-    MemoryError,
-)
+_RUN_ERRORS = (*ORT_ERRORS, KeyError, OSError, MemoryError)
 
 
 class _Builder(ComputeRules, LayoutRules):
