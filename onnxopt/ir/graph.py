@@ -75,8 +75,59 @@ __all__ = [
 
 
 def graph_hash(graph: gs.Graph) -> str:
-    """A content hash of the graph (structure, attributes and weights), used to check `changed`."""
-    return model_hash(export_model(graph, sort=False))
+    """A content hash of the graph (structure, attributes and weight values), used to check `changed`.
+
+    Weights are hashed by value, not by encoding: a constant read by a pass (gs then holds it as a
+    numpy array) is written back as `raw_data` though the model stored it in `float_data`; that
+    must not count as a change. Nodes are hashed in the order they would be saved in (sorted):
+    an analysis that sorts the graph in place changes nothing a user gets."""
+    model = export_model(graph)
+    for g in all_graph_protos(model.graph):
+        for t in g.initializer:
+            _as_raw_data(t)
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    _as_raw_data(attr.t)
+    return model_hash(model)
+
+
+#: Element types one value per byte or more, whose `numpy_helper.to_array` bytes are their raw layout
+#: (sub-byte types such as int4 are packed differently and strings have no raw form: left as stored).
+_UNPACKED_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in (
+        "FLOAT",
+        "UINT8",
+        "INT8",
+        "UINT16",
+        "INT16",
+        "INT32",
+        "INT64",
+        "BOOL",
+        "FLOAT16",
+        "DOUBLE",
+        "UINT32",
+        "UINT64",
+        "COMPLEX64",
+        "COMPLEX128",
+        "BFLOAT16",
+        "FLOAT8E4M3FN",
+        "FLOAT8E4M3FNUZ",
+        "FLOAT8E5M2",
+        "FLOAT8E5M2FNUZ",
+    )
+)
+
+
+def _as_raw_data(t: onnx.TensorProto) -> None:
+    """Re-encode a tensor stored in typed fields (float_data, int32_data, ...) as raw_data, in place."""
+    if t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in _UNPACKED_TYPES:
+        return
+    raw = onnx.numpy_helper.to_array(t).tobytes()
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)
+    t.raw_data = raw
 
 
 def model_hash(model: onnx.ModelProto) -> str:

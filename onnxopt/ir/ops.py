@@ -70,6 +70,22 @@ def recurrent_macs(
     return _mul(known_size(x[:2]), None if pw is None or pr is None else pw + pr)
 
 
+def _attention(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.NodeProto) -> int | None:
+    """com.microsoft Attention: the packed QKV projection, B * S * |w|, plus Q @ K^T and probabilities
+    @ V, B * S * S * (Hqk + Hv): the MatMuls it replaces, counted as `_matmul` counts them."""
+    if x is None or w is None or len(x) != 3 or len(w) != 2 or getattr(node, "domain", "") != "com.microsoft":
+        return None
+    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
+    if sizes and len(sizes) == 3:
+        qk_v: int | None = sizes[0] + sizes[2]
+    else:
+        qk_v = 2 * w[1] // 3 if isinstance(w[1], int) else None
+    seq, weights = x[1], known_size(w)
+    if qk_v is None or weights is None or not isinstance(seq, int):
+        return None
+    return _mul(known_size(x[:2]), weights + seq * qk_v)
+
+
 #: What each op costs: op type -> (formula(x, w, y, node), input index of the data, of the weight).
 #: Integer and quantized forms share the formula of the float op they compute.
 MAC_FORMULAS: dict[str, tuple[Callable[..., int | None], int, int]] = {
@@ -88,6 +104,7 @@ MAC_FORMULAS: dict[str, tuple[Callable[..., int | None], int, int]] = {
     "GRU": (recurrent_macs, 0, 1),
     "RNN": (recurrent_macs, 0, 1),
     "DynamicQuantizeLSTM": (recurrent_macs, 0, 1),
+    "Attention": (_attention, 0, 1),
 }
 
 
@@ -118,6 +135,15 @@ class OpFacts:
     recurrent_weights: tuple[int, ...] = ()
     #: Already computes on integers (what onnxruntime's quantizers write).
     integer: bool = False
+    #: A constant input that can only be stored int8 (no int8 kernel computes with it from QDQ on
+    #: the CPU EP): (input index, axis of its rows or output channels, scaled per row/block).
+    stored_weight: tuple[int, int] | None = None
+    #: Its inputs and outputs stay float unless measured safe: normalization, softmax and GELU
+    #: outputs carry outliers that one activation scale rounds away (transformer encoders).
+    keep_float_io: bool = False
+    #: The com.microsoft op that computes it in int8 from an input quantized per run
+    #: (DynamicQuantizeLinear) and its int8 weight (per output column), its other inputs unchanged.
+    dynamic_int8_op: str | None = None
 
 
 OPS: dict[str, OpFacts] = {
@@ -136,6 +162,22 @@ OPS: dict[str, OpFacts] = {
         for op in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
     },
     **{op: OpFacts(weight_input=1, recurrent_weights=(1, 2)) for op in ("LSTM", "GRU", "RNN")},
+    # a lookup table (word embeddings): int8 rows, scaled per block of each row
+    "Gather": OpFacts(stored_weight=(0, 0)),
+    # com.microsoft Attention: its [hidden, 3 x hidden] QKV weight
+    "Attention": OpFacts(stored_weight=(1, 1), layout="IO", dynamic_int8_op="QAttention"),
+    **{
+        op: OpFacts(keep_float_io=True)
+        for op in (
+            "LayerNormalization",
+            "SkipLayerNormalization",
+            "Softmax",
+            "Gelu",
+            "BiasGelu",
+            "FastGelu",
+            "Erf",
+        )
+    },
     **{
         op: OpFacts(integer=True)
         for op in (
@@ -157,6 +199,15 @@ OPS: dict[str, OpFacts] = {
 #: bytes saved); a Cast or DequantizeLinear of an (u)int8 constant at least this large to float is
 #: such storage, which constant folding must not undo.
 INT8_STORAGE_MIN_ELEMENTS = 1024
+
+#: The first default-domain opset version that has a standard op the fuse pass writes; a model of an
+#: older opset keeps the decomposed form (onnx.checker rejects the op there).
+SINCE_OPSET: dict[str, int] = {"LayerNormalization": 17, "Gelu": 20}
+
+#: onnxruntime's contrib-operator domain (Gelu, BiasGelu, FastGelu, SkipLayerNormalization, ...), and
+#: the pipeline targets whose runtime runs it (its CPU and CUDA execution providers; not OpenVINO).
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_TARGETS = ("cpu", "cuda")
 
 
 def facts(op_type: str) -> OpFacts:

@@ -1,11 +1,14 @@
 """Operator fusion: fold affine per-channel ops into the weights of the op before them.
 
-Rewrites, repeated until none applies:
+First, once: decomposed multi-head self-attention -> com.microsoft Attention for the cpu and cuda
+targets (`attention`; left decomposed for openvino). Then rewrites, repeated until none applies:
 - BatchNormalization (inference) after Conv / ConvTranspose / Gemm -> new weights and bias;
 - Mul / Add by a per-channel constant after Conv / ConvTranspose / Gemm -> weights and bias;
 - Mul / Add by a per-channel constant after BatchNormalization -> the BN's scale and bias;
 - MatMul(2-D x, constant W) + Add(constant bias) -> Gemm;
-- Mul-Mul and Add-Add chains of constants -> one op.
+- Mul-Mul and Add-Add chains of constants -> one op;
+- decomposed LayerNorm and GELU -> one op, Add + LayerNormalization -> SkipLayerNormalization, in the
+  form the target runs (`transformer`).
 A rewrite applies only when the intermediate tensor has no other consumer and is
 not a graph output, when every node it joins lives in the same graph (main graph
 or one If/Loop/Scan body: a body may run many times or not at all, so nothing is
@@ -28,8 +31,10 @@ from onnxopt.framework.registry import register_pass
 from onnxopt.ir.graph import cleanup, iter_graphs, output_owners
 from onnxopt.ir.graph_state import pin_output_owners
 from onnxopt.passes.fuse.affine import fold_affine, fold_bn
+from onnxopt.passes.fuse.attention import fuse_attention
 from onnxopt.passes.fuse.chains import matmul_add_to_gemm, merge_chain
 from onnxopt.passes.fuse.scope import Scope
+from onnxopt.passes.fuse.transformer import TRANSFORMER_COUNTS, TransformerFusions
 
 
 @register_pass("fuse")
@@ -43,6 +48,8 @@ class FuseOperators(Pass):
         batchnorm: bool = option(True, "fold BatchNormalization into the Conv/ConvTranspose/Gemm before it")
         affine: bool = option(True, "fold per-channel Mul/Add constants into weights, biases or BN")
         gemm: bool = option(True, "turn MatMul(2-D x, constant W) + Add(constant) into Gemm")
+        attention: bool = option(True, "fuse multi-head self-attention into com.microsoft Attention (cpu, cuda)")
+        transformer: bool = option(True, "fuse LayerNorm, GELU and (cpu, cuda) SkipLayerNorm patterns for the target")
         max_iterations: int = option(10, "stop after this many rounds", low=1)
 
     options: Options
@@ -54,9 +61,12 @@ class FuseOperators(Pass):
             "matmul_add_to_gemm": 0,
             "chains_merged": 0,
             "in_subgraphs": 0,
+            **dict.fromkeys(TRANSFORMER_COUNTS, 0),
         }
+        tf = TransformerFusions(ctx, graph, self.options.transformer)
         skipped: dict[str, dict[str, str]] = {}
-        changed = False
+        counts.update(fuse_attention(graph, ctx, skipped) if self.options.attention else {})
+        changed = counts.get("attention_fused", 0) > 0
         for _ in range(self.options.max_iterations):
             step = 0
             shapes = ctx.analysis("shapes", graph)
@@ -66,7 +76,7 @@ class FuseOperators(Pass):
                 for node in list(g.nodes):
                     if not node.outputs or not node.inputs:
                         continue  # removed earlier in this round
-                    kind = self._fuse_one(sc, node)
+                    kind = self._fuse_one(sc, node) or tf.fuse(sc, node)
                     if kind:
                         counts[kind] += 1
                         counts["in_subgraphs"] += g is not graph
@@ -82,11 +92,13 @@ class FuseOperators(Pass):
             if changed
             else (
                 "nothing to fuse: no BatchNormalization, Mul/Add into a neighbouring layer "
-                "or chain, or MatMul+Add that can be merged"
+                "or chain, MatMul+Add that can be merged, or LayerNorm/GELU pattern"
                 + (f" ({len(skipped)} left alone, see skipped)" if skipped else "")
             )
         )
-        return PassResult(changed=changed, stats=counts, skipped=list(skipped.values()), reason=reason)
+        return PassResult(
+            changed=changed, stats=counts | tf.stats(counts), skipped=list(skipped.values()), reason=reason
+        )
 
     def _fuse_one(self, sc: Scope, node: gs.Node) -> str | None:
         """Apply the first rewrite that fits `node`; the name of its counter, or None."""

@@ -41,7 +41,7 @@ CHANNEL_GROUPS = "channel_groups"
 REDUCER_OPS = ops_where("prunable")
 #: What a failed onnxruntime run raises (an invalid or unsupported model, a bad feed), and what a
 #: feed of the wrong kind raises in numpy: the run was a best-effort source of shapes, so no shapes.
-_RUN_ERRORS = (*ORT_ERRORS, KeyError, OSError, MemoryError)
+_RUN_ERRORS: tuple[type[Exception], ...] = (*ORT_ERRORS, KeyError, OSError, MemoryError)
 
 
 class _Builder(ComputeRules, LayoutRules):
