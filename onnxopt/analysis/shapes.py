@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxopt.analysis.contrib_shapes import with_standins
 from onnxopt.errors import UserError
+from onnxopt.ir.ops import CONTRIB_DOMAIN
 from onnxopt.ir.structure import light_copy
 
 Dim = int | str | None
@@ -107,10 +109,28 @@ def inferred_model(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
                 del inp.type.tensor_type.shape.dim[:]
                 for d in shape:
                     inp.type.tensor_type.shape.dim.add().dim_value = int(d)
+    inferred = _infer(light)
+    if any(n.domain == CONTRIB_DOMAIN for n in light.graph.node):
+        # onnx does not know onnxruntime's com.microsoft ops: every tensor after one would stay
+        # unknown. Inference on a copy with shape-equivalent stand-ins supplies those shapes; the
+        # returned model keeps its real nodes (statistics count them).
+        stand = onnx.ModelProto()
+        stand.CopyFrom(light)
+        known = {vi.name for vi in inferred.graph.value_info} | {o.name for o in inferred.graph.output}
+        produced = {o for n in light.graph.node for o in n.output}
+        extra = [
+            vi for vi in _infer(with_standins(stand)).graph.value_info if vi.name in produced and vi.name not in known
+        ]
+        inferred.graph.value_info.extend(extra)
+    return inferred
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`onnx.shape_inference` with data propagation; `model` itself if inference fails."""
     try:
-        return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort: any failure leaves the shapes unknown
-        return light
+        return model
 
 
 def concrete_input_shapes(

@@ -31,7 +31,6 @@ from onnxopt.ir.graph import (
 )
 from onnxopt.ir.graph_state import pinned_output_owners
 from onnxopt.ir.ops import CONTRIB_DOMAIN, CONTRIB_TARGETS, SINCE_OPSET
-from onnxopt.passes.fuse.contrib_shapes import with_standins
 from onnxopt.passes.fuse.scope import Scope
 
 #: The size the first symbolic input dim gets in each probe; the next ones get 2, 4, ... more (never 1:
@@ -96,7 +95,7 @@ class FusionTarget:
         return True
 
     def scope(self, sc: Scope) -> Scope:
-        """`sc` with the main graph's shapes inferred through com.microsoft ops (`contrib_shapes`)."""
+        """`sc` with the main graph's shapes inferred through com.microsoft ops (`onnxopt.analysis.contrib_shapes`)."""
         if sc.graph is not sc.root:
             return sc
         return replace(sc, shapes=self.ctx.analysis("fuse_shapes", sc.root))
@@ -105,14 +104,14 @@ class FusionTarget:
 @register_analysis("fuse_shapes")
 def fuse_shapes(graph: gs.Graph, ctx: PassContext) -> dict[str, TensorInfo]:
     """Inferred shapes of the main graph at its own input shapes, through com.microsoft ops."""
-    return infer_tensor_info(with_standins(export_structure(graph)))
+    return infer_tensor_info(export_structure(graph))
 
 
 @register_analysis("fuse_probe_shapes")
 def probe_shapes(graph: gs.Graph, ctx: PassContext) -> tuple[dict[str, TensorInfo], ...]:
     """Inferred shapes of the main graph at two pinned input shapes (through com.microsoft ops); empty
     when no input is dynamic."""
-    model = with_standins(export_structure(graph))
+    model = export_structure(graph)
     probes = [_probe_inputs(model.graph.input, {i.name for i in model.graph.initializer}, s) for s in _PROBE_BASES]
     if not probes[0]:
         return ()
