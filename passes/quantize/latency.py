@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 from onnxopt.ir.graph import model_hash
+from onnxopt.ir.ops import facts
+from onnxopt.passes.quantize.dynamic import DYNAMIC
 from onnxopt.passes.quantize.optimized import optimized_nodes
 from onnxopt.passes.quantize.qdq import ActParams, LayerQuant, apply_qdq, weight_dq_name
 from onnxopt.passes.quantize.state import Work, static
@@ -24,14 +26,25 @@ UNFUSED = "onnxruntime leaves its int8 weight unfused in this model (dequantized
 
 
 def drop_slower_layers(work: Work, layers: dict[str, LayerQuant], acts: dict[str, ActParams]) -> None:
-    """Time each layer of `layers` alone in float and int8; remove (and report) the ones int8 slows."""
+    """Time each layer of `layers` alone in float and int8 (static, and dynamic where `work.dynamic`
+    has that form); a form int8 slows is dropped, a layer with no faster form stays float (reported)."""
     for name in list(layers):
         n = work.nodes[name]
         ti = work.info.get(n.input[0])
-        fast, ratio = faster_in_int8(work, n, layers[name], acts, ti.shape if ti else None, work.timing)
-        work.rows[name]["int8_latency_ratio"] = None if ratio is None else round(ratio, 3)
+        shape = ti.shape if ti else None
+        row = work.rows[name]
+        fast, ratio = faster_in_int8(work, n, layers[name], acts, shape, work.timing)
+        row["int8_latency_ratio"] = None if ratio is None else round(ratio, 3)
+        dyn = work.dynamic.pop(name, None)
+        if dyn is not None:
+            dyn_fast, dyn_ratio = faster_in_int8(work, n, dyn, acts, shape, work.timing)
+            row["dynamic_latency_ratio"] = None if dyn_ratio is None else round(dyn_ratio, 3)
+            if dyn_fast and fast:
+                work.dynamic[name] = dyn  # both forms pay: `forms.choose_forms` decides
+            elif dyn_fast:
+                layers[name], fast = dyn, True
         if not fast:
-            work.rows[name].update(int8=False, why=f"int8 slower ({ratio:.2f}x float)")
+            row.update(int8=False, why=f"int8 slower ({ratio:.2f}x float)")
             del layers[name]
 
 
@@ -48,7 +61,8 @@ def faster_in_int8(
         return True, None
     float_model = work.layer_model(n, shape)
     lq_local = dataclasses.replace(lq, node=float_model.graph.node[0].name)
-    q_model = apply_qdq(float_model, {"x": acts[n.input[0]], "y": acts[n.output[0]]}, [lq_local])
+    local_acts = {} if lq.form == DYNAMIC else {"x": acts[n.input[0]], "y": acts[n.output[0]]}
+    q_model = apply_qdq(float_model, local_acts, [lq_local])
     attrs = sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)
     key = json.dumps(
         [
@@ -60,6 +74,7 @@ def faster_in_int8(
             work.act_type,
             lq.axis is not None,
         ]
+        + ([lq.form] if lq.form != "qdq" else [])
     )
     feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     t_float, t_int8 = cache.measure(key, [float_model, q_model], feeds)
@@ -71,9 +86,18 @@ def unfused(work: Work, acts: dict[str, ActParams], layers: list[LayerQuant]) ->
     """The layers among `layers` whose weight DequantizeLinear survives onnxruntime's optimization
     of the whole model: no integer kernel took them, so the weight would be dequantized on every
     run (ConvTranspose on the CPU EP; a float-output MatMul before `qdq_tensors` gave every
-    MatMul its output Q)."""
-    left = {n.name for n in optimized_nodes(work.loaded_form(acts, layers)) if n.op_type == "DequantizeLinear"}
-    return [lq.node for lq in layers if weight_dq_name(lq.node) in left]
+    MatMul its output Q); a dynamic layer whose MatMulInteger onnxruntime did not fuse with its
+    input quantization and output scaling into DynamicQuantizeMatMul / MatMulIntegerToFloat; an
+    Attention whose QAttention does not survive as an integer op."""
+    optimized = optimized_nodes(work.loaded_form(acts, layers))
+    left = {n.name for n in optimized if n.op_type in ("DequantizeLinear", "MatMulInteger")}
+    int8_ops = {n.name for n in optimized if facts(n.op_type).integer}
+    return [
+        lq.node
+        for lq in layers
+        if (lq.node if lq.form == DYNAMIC else weight_dq_name(lq.node)) in left
+        or (facts(work.nodes[lq.node].op_type).dynamic_int8_op and lq.node not in int8_ops)
+    ]
 
 
 def drop_unfused(work: Work, acts: dict[str, ActParams], layers: dict[str, LayerQuant], kept: list[str]) -> list[str]:

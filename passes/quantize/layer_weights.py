@@ -25,15 +25,23 @@ from onnxopt.passes.quantize.qdq import ActParams, LayerQuant, WeightStore
 from onnxopt.passes.quantize.state import Work
 
 
-def quantize_layer(work: Work, n: onnx.NodeProto, x: ActParams) -> LayerQuant | str:
-    """Int8 weight (7-bit where u8s8 would saturate on a non-VNNI CPU) and int32 bias, or why not."""
+def int8_weight(work: Work, n: onnx.NodeProto, u8_inputs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Symmetric int8 weight of `n` (per output channel, or per tensor), its scales, zero points and
+    notes: 7-bit where a uint8 input (`u8_inputs`) would saturate u8s8 pair sums on a non-VNNI CPU."""
     w = work.consts[n.input[1]]
     axis = out_channel_axis(n) if work.per_channel else None
     notes = []
     q, s, z = _int8_weights(w, axis, False)
-    if not work.vnni and work.act_type == "uint8" and u8s8_saturates(q, reduced_axes(n, w.ndim)):
+    if not work.vnni and u8_inputs and u8s8_saturates(q, reduced_axes(n, w.ndim)):
         q, s, z = _int8_weights(w, axis, True)
         notes.append("7-bit weights (u8s8 saturation without VNNI)")
+    return q, s, z, notes
+
+
+def quantize_layer(work: Work, n: onnx.NodeProto, x: ActParams) -> LayerQuant | str:
+    """Int8 weight (7-bit where u8s8 would saturate on a non-VNNI CPU) and int32 bias, or why not."""
+    axis = out_channel_axis(n) if work.per_channel else None
+    q, s, z, notes = int8_weight(work, n, work.act_type == "uint8")
     bq = bs = None
     has_bias = len(n.input) > 2 and bool(n.input[2])
     mean = work.means.get(n.name)

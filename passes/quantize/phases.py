@@ -15,8 +15,9 @@ import onnx
 
 from onnxopt.analysis.shapes import TensorInfo, infer_tensor_info
 from onnxopt.analysis.stats import model_stats, node_macs
-from onnxopt.ir.ops import ops_where
+from onnxopt.ir.ops import facts, ops_where
 from onnxopt.passes.quantize.activations import act_params, input_means
+from onnxopt.passes.quantize.forms import choose_forms, dynamic_forms, form_name, int8_op_form
 from onnxopt.passes.quantize.latency import drop_slower_layers, drop_unfused, never_slower
 from onnxopt.passes.quantize.layer_weights import quantize_layer
 from onnxopt.passes.quantize.qdq import ActParams, LayerQuant
@@ -42,10 +43,12 @@ def run_work(work: Work) -> Outcome:
         return _finish(work, store_outside(work, work.model, stats), stats)
     acts, macs = _calibrate(work)
     layers = _quantize_layers(work, acts, macs)
+    dynamic_forms(work, layers)
     work.timing = TimingCache("quantize")
     if work.opts.latency_aware:
         drop_slower_layers(work, layers, acts)
     work.ensure_reference()
+    choose_forms(work, acts, layers)
     compute_ref = plan_storage(work, acts, stats)
     kept = list(layers)
     if work.opts.accuracy_aware and layers:
@@ -55,7 +58,7 @@ def run_work(work: Work) -> Outcome:
     final = work.build(acts, [layers[k] for k in kept]) if kept or work.store else work.model
     if kept and work.opts.check_latency:
         final, kept = never_slower(work, acts, layers, kept, final, stats)
-    _report_choice(work, kept, macs, stats)
+    _report_choice(work, [layers[k] for k in kept], macs, stats)
     return _finish(work, store_outside(work, final, stats), stats)
 
 
@@ -105,7 +108,7 @@ def _quantize_layers(work: Work, acts: dict[str, ActParams], macs: dict[str, int
                 "input_range": work.ranges.get(n.input[0]),
             }
         )
-        lq = quantize_layer(work, n, acts[n.input[0]])
+        lq = int8_op_form(work, n) if facts(n.op_type).dynamic_int8_op else quantize_layer(work, n, acts[n.input[0]])
         if isinstance(lq, str):
             row.update(int8=False, why=lq)
             continue
@@ -116,14 +119,17 @@ def _quantize_layers(work: Work, acts: dict[str, ActParams], macs: dict[str, int
     return layers
 
 
-def _report_choice(work: Work, kept: list[str], macs: dict[str, int], stats: dict) -> None:
-    """Mark the int8 layers and the int8-stored ones in their rows; the share of MACs now int8."""
-    for name in kept:
-        work.rows[name].update(int8=True, why="faster and accurate enough" if work.opts.latency_aware else "quantized")
+def _report_choice(work: Work, chosen: list[LayerQuant], macs: dict[str, int], stats: dict) -> None:
+    """Mark the int8 layers (with their form) and the int8-stored ones in their rows; the share of
+    MACs now int8."""
+    kept = [lq.node for lq in chosen]
+    why = "faster and accurate enough" if work.opts.latency_aware else "quantized"
+    for lq in chosen:
+        work.rows[lq.node].update(int8=True, form=form_name(lq), why=f"{why} ({form_name(lq)})")
     stored = [name for name in work.store if name not in kept]
     for name in stored:
         work.rows[name]["weight_storage"] = "int8"
-    quantizable = ops_where("quantizable")
+    quantizable = ops_where("quantizable") + ops_where("dynamic_int8_op")
     total = sum(int(macs.get(n.name) or 0) for n in work.cands) or 1
     all_macs = (
         sum(int(v or 0) for k, v in macs.items() if k in work.nodes and work.nodes[k].op_type in quantizable) or 1
@@ -136,6 +142,7 @@ def _report_choice(work: Work, kept: list[str], macs: dict[str, int], stats: dic
         int8_candidate_mac_share=round(int8_macs / total, 4),
     )
     stats["int8_stored_layers"] = len(stored)
+    stats["dynamic_layers"] = sum(form_name(lq) == "dynamic" for lq in chosen)
 
 
 def _finish(work: Work, final: onnx.ModelProto, stats: dict) -> Outcome:

@@ -19,6 +19,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.ir import weights
+from onnxopt.ir.ops import facts
+from onnxopt.passes.quantize.dynamic import DYNAMIC, dql_node, dynamic_int8_nodes, dynamic_layer_nodes
 from onnxopt.passes.quantize.proto_graphs import graph_constants, used_names, walk_graphs
 
 
@@ -45,6 +47,9 @@ class LayerQuant:
     #: Stored weights only: the weight's shape when `weight_q` is in a blocked layout (one scale per
     #: block, `weight_scale` broadcasting against it), reshaped back after the Mul.
     shape: tuple[int, ...] | None = None
+    #: "qdq" (static: calibrated Q/DQ around it) or "dynamic" (MatMul: its input quantized per run,
+    #: `dynamic.py`); stored weights ignore it.
+    form: str = "qdq"
 
 
 def _array_init(name: str, value: np.ndarray | np.generic, spilling: bool = False) -> TensorProto:
@@ -65,6 +70,9 @@ class _Additions:
     head: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[TensorProto] = field(default_factory=list)
     replaced: set[str] = field(default_factory=set)
+    #: Dynamic layers: the nodes that replace a MatMul (by its name), the tensors they quantize.
+    dynamic: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    dynamic_inputs: set[str] = field(default_factory=set)
 
 
 def apply_qdq(
@@ -91,7 +99,10 @@ def apply_qdq(
     add = _Additions(weights.has_external(model))
     by_name = {n.name: n for n in g.node}
     for lq in layers:
-        _int8_weight(add, by_name[lq.node], lq)
+        if lq.form == DYNAMIC:
+            _dynamic(add, by_name[lq.node], lq)
+        else:
+            _int8_weight(add, by_name[lq.node], lq)
     for lq in stored:
         _stored_weight(add, by_name[lq.node], lq)
     nodes = _with_activation_qdq(g, acts, add)
@@ -128,6 +139,22 @@ def _int8_weight(add: _Additions, node: onnx.NodeProto, lq: LayerQuant) -> None:
     node.input[1] = base + "_dq"
     if lq.bias_q is not None:
         _int32_bias(add, node, lq)
+
+
+def _dynamic(add: _Additions, node: onnx.NodeProto, lq: LayerQuant) -> None:
+    """`node` becomes its dynamic form (`dynamic.py`) with the int8 weight of `lq`: a MatMul its
+    MatMulInteger group, an op with a `dynamic_int8_op` (Attention) that op (QAttention)."""
+    add.replaced.add(node.input[1])
+    base = f"{lq.node}_w"
+    names = [base + "_q", base + "_s", base + "_zp"]
+    add.inits += [
+        _array_init(names[0], lq.weight_q, add.spilling),
+        _array_init(names[1], np.asarray(lq.weight_scale, np.float32)),
+        _array_init(names[2], np.asarray(lq.weight_zp, np.int8)),
+    ]
+    int8_op = facts(node.op_type).dynamic_int8_op
+    add.dynamic[node.name] = dynamic_int8_nodes(node, int8_op, names) if int8_op else dynamic_layer_nodes(node, names)
+    add.dynamic_inputs.add(node.input[0])
 
 
 def _int32_bias(add: _Additions, node: onnx.NodeProto, lq: LayerQuant) -> None:
@@ -200,6 +227,7 @@ def _with_activation_qdq(g: onnx.GraphProto, acts: dict[str, ActParams], add: _A
         ]
 
     nodes = list(add.head)
+    nodes += [dql_node(t) for t in sorted(add.dynamic_inputs) if t in graph_inputs]
     for t in acts:
         if t in graph_inputs:
             nodes += qdq(t, t, renamed.get(t, t))
@@ -207,16 +235,22 @@ def _with_activation_qdq(g: onnx.GraphProto, acts: dict[str, ActParams], add: _A
         for i, name in enumerate(n.input):
             if name in renamed:
                 n.input[i] = renamed[name]
-        nodes.append(n)
+        nodes += add.dynamic.get(n.name, [n])
         for k, o in enumerate(n.output):
-            if o not in acts or o in graph_inputs:
-                continue
-            if o in graph_outputs:
-                n.output[k] = o + "_float"
-                nodes += qdq(o, o + "_float", o)
-            else:
-                nodes += qdq(o, o, renamed[o])
+            if o in acts and o not in graph_inputs:
+                nodes += _output_qdq(n, k, o in graph_outputs, qdq, renamed)
+        nodes += [dql_node(o) for o in n.output if o in add.dynamic_inputs and o not in graph_inputs]
     return nodes
+
+
+def _output_qdq(n: onnx.NodeProto, k: int, graph_output: bool, qdq, renamed: dict[str, str]) -> list[onnx.NodeProto]:
+    """The Q -> DQ of output `k` of `n` (built by `qdq(tensor, source, target)`): a graph output keeps
+    its name on the DequantizeLinear, its producer writing `<name>_float`."""
+    o = n.output[k]
+    if graph_output:
+        n.output[k] = o + "_float"
+        return qdq(o, o + "_float", o)
+    return qdq(o, o, renamed[o])
 
 
 def weight_dq_name(layer: str) -> str:
@@ -293,7 +327,9 @@ def single_layer_model(
     """A float model holding only `node` with its constant weights, input `x` of `input_shape` (None:
     unknown), output `y`.
 
-    A weight given as a TensorProto (one staged on disk, `onnxopt.weights`) is referenced, not copied."""
+    A weight given as a TensorProto (one staged on disk, `onnxopt.weights`) is referenced, not copied.
+    An optional input that is not among `weights` (an Attention's computed mask) is left out: the
+    layer alone runs without it."""
     layer = onnx.NodeProto()
     layer.CopyFrom(node)
     layer.input[0] = "x"
@@ -301,7 +337,9 @@ def single_layer_model(
     layer.output.append("y")
     inits = []
     for k in range(1, len(node.input)):
-        if node.input[k]:
+        if node.input[k] and node.input[k] not in weights:
+            layer.input[k] = ""
+        elif node.input[k]:
             name = f"w{k}"
             inits.append(_named_copy(weights[node.input[k]], name))
             layer.input[k] = name
@@ -312,7 +350,10 @@ def single_layer_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", max(opset, 13))])
+    domains = [helper.make_opsetid("", max(opset, 13))]
+    if node.domain not in ("", "ai.onnx"):
+        domains.append(helper.make_opsetid(node.domain, 1))
+    model = helper.make_model(g, opset_imports=domains)
     inferred = onnx.shape_inference.infer_shapes(model)
     known = {v.name: v for v in inferred.graph.value_info} | {o.name: o for o in inferred.graph.output}
     if "y" in known and known["y"].type.tensor_type.HasField("shape"):

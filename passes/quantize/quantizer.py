@@ -111,6 +111,17 @@ class Quantize(Pass):
         vnni: str = option(
             "auto", "target a CPU with VNNI (no: 7-bit weights where u8s8 saturates)", choices=("auto", "yes", "no")
         )
+        matmul_form: str = option(
+            "auto",
+            "int8 form of MatMuls with a constant weight: static (QDQ), dynamic (input quantized per "
+            "run: DynamicQuantizeLinear + MatMulInteger), auto (per layer, by measured latency and error)",
+            choices=("auto", "static", "dynamic"),
+        )
+        int8_attention: bool = option(
+            True,
+            "give com.microsoft Attention with a constant weight an int8 form (its input quantized per "
+            "run -> QAttention), timed and measured like the other layers",
+        )
         op_types: list[str] = option(list(QUANTIZABLE), "op types to quantize", choices=QUANTIZABLE)
         include: list[str] = option([], "regexes: only nodes whose name matches one are quantized", kind="regex")
         exclude: list[str] = option([], "regexes: nodes whose name matches one stay float", kind="regex")

@@ -43,8 +43,13 @@ def layer_sensitivity(
     work: Work, acts: dict[str, ActParams], layers: dict[str, LayerQuant], names: list[str]
 ) -> dict[str, float]:
     """Output SQNR (dB) with each of `names` alone in int8 (no weight-only storage elsewhere): one
-    independent trial per layer, run by the executor."""
-    return run_trials(work, [Trial(n, work.qdq_tensors(acts, [layers[n]]), [layers[n]]) for n in names])
+    independent trial per layer and form, run by the executor; a (layer, form) measured earlier in
+    the run (`forms.choose_forms`) is not measured again."""
+    todo = [n for n in names if (n, layers[n].form) not in work.alone_sqnr]
+    found = run_trials(work, [Trial(n, work.qdq_tensors(acts, [layers[n]]), [layers[n]]) for n in todo])
+    for n in todo:
+        work.alone_sqnr[(n, layers[n].form)] = found[n]
+    return {n: work.alone_sqnr[(n, layers[n].form)] for n in names}
 
 
 def keep_sensitive_float(

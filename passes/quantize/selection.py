@@ -60,7 +60,7 @@ def candidates(work: Work) -> list[onnx.NodeProto]:
     for i, n in enumerate(work.model.graph.node):
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-        if n.op_type not in opts.op_types or n.op_type not in quantizable or n.name in already:
+        if not _selected_op(work, n, quantizable) or n.name in already:
             continue
         if opts.include and not name_matches(n.name, opts.include):
             continue
@@ -76,8 +76,20 @@ def candidates(work: Work) -> list[onnx.NodeProto]:
     return found
 
 
+def _selected_op(work: Work, n: onnx.NodeProto, quantizable: tuple[str, ...]) -> bool:
+    """Whether the op of `n` is one the pass quantizes: a quantizable op of `op_types`, or (option
+    `int8_attention`) a com.microsoft op with an int8 form of its own (Attention -> QAttention)."""
+    if n.op_type in quantizable:
+        return n.op_type in work.opts.op_types
+    return bool(work.opts.int8_attention and facts(n.op_type).dynamic_int8_op and n.domain == "com.microsoft")
+
+
 def unsupported(work: Work, n: onnx.NodeProto) -> str | None:
     """Why candidate `n` cannot be quantized (None: it can)."""
+    if facts(n.op_type).dynamic_int8_op:
+        why = _int8_op_problem(n)
+        if why:
+            return why
     if len(n.input) < 2 or n.input[1] not in work.consts:
         producer = work.producer.get(n.input[1]) if len(n.input) >= 2 else None
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -86,6 +98,18 @@ def unsupported(work: Work, n: onnx.NodeProto) -> str | None:
     if n.input[0] in work.consts:
         return "input is a constant (fold it first)"
     return _weight_problem(work.consts[n.input[1]]) or _layout_problem(work, n)
+
+
+def _int8_op_problem(n: onnx.NodeProto) -> str | None:
+    """Why an Attention has no QAttention form: packed Q/K/V of different sizes, inputs beyond
+    past (attention bias, past sequence length), or no bias (QAttention needs one)."""
+    if "qkv_hidden_sizes" in node_attrs(n):
+        return "Attention with qkv_hidden_sizes: QAttention needs equal Q, K and V sizes"
+    if any(n.input[5:]):
+        return "Attention inputs beyond past: QAttention has none"
+    if len(n.input) < 3 or not n.input[2]:
+        return "Attention without a bias: QAttention needs one"
+    return None
 
 
 def _weight_problem(w: np.ndarray) -> str | None:
@@ -122,14 +146,14 @@ def outside_layers(work: Work) -> list[Outside]:
     found = []
     for g, where, scopes in walk_graphs(work.model.graph):
         body = where != "main graph"
-        for n in _storage_only_nodes(work, g, body):
+        for n in _storage_only_nodes(work, g, body, scopes):
             row = {"node": n.name, "op": n.op_type, "where": where, "int8": False}
             if name_matches(n.name, work.opts.exclude):
                 work.rows[n.name] = {**row, "why": "excluded"}
                 continue
-            recurrent = facts(n.op_type).recurrent_weights
-            idx = recurrent or (1,)
-            axis = 1 if recurrent else out_channel_axis(n)
+            f = facts(n.op_type)
+            idx = f.recurrent_weights or ((f.stored_weight[0],) if f.stored_weight else (1,))
+            axis = 1 if f.recurrent_weights else f.stored_weight[1] if f.stored_weight else out_channel_axis(n)
             weights = _constant_weights(n, idx, axis, scopes)
             if isinstance(weights, str):
                 work.skipped.append({"node": n.name, "op": n.op_type, "reason": f"{where}: {weights}"})
@@ -143,17 +167,34 @@ def outside_layers(work: Work) -> list[Outside]:
     return found
 
 
-def _storage_only_nodes(work: Work, g: onnx.GraphProto, body: bool) -> Iterator[onnx.NodeProto]:
-    """The nodes of `g` outside the calibrated path (recurrent anywhere; in a body, quantizable ops
-    of `op_types`) that pass `include`."""
+def _storage_only_nodes(
+    work: Work, g: onnx.GraphProto, body: bool, scopes: list[dict[str, onnx.TensorProto]]
+) -> Iterator[onnx.NodeProto]:
+    """The nodes of `g` outside the calibrated path (recurrent anywhere; anywhere, ops whose
+    `stored_weight` input is a constant: a Gather's lookup table, com.microsoft Attention's QKV
+    weight; in a body, quantizable ops of `op_types`) that pass `include`."""
     quantizable = ops_where("quantizable")
+    computing = {c.name for c in work.cands} if not body else set()
     for n in g.node:
-        recurrent = bool(facts(n.op_type).recurrent_weights)
-        if not recurrent and not (body and n.op_type in quantizable and n.op_type in work.opts.op_types):
+        if n.name in computing:  # a candidate (Attention with a QAttention form) stores its weight as one
+            continue
+        f = facts(n.op_type)
+        table = f.stored_weight is not None and _is_table_input(n, f.stored_weight[0], scopes)
+        if not (f.recurrent_weights or table) and not (
+            body and n.op_type in quantizable and n.op_type in work.opts.op_types
+        ):
             continue
         if work.opts.include and not name_matches(n.name, work.opts.include):
             continue
         yield n
+
+
+def _is_table_input(n: onnx.NodeProto, i: int, scopes: list[dict[str, onnx.TensorProto]]) -> bool:
+    """Whether input `i` of `n` is a float constant of at least two axes visible in its graph (a
+    Gather of a computed shape, or of a constant shape vector, is no lookup table)."""
+    t = n.input[i] if i < len(n.input) else ""
+    value = next((sc[t] for sc in scopes if t in sc), None)
+    return value is not None and value.data_type == onnx.TensorProto.FLOAT and len(value.dims) >= 2
 
 
 def _constant_weights(

@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt.ir.weights import has_external, is_external, mapped
+from onnxopt.passes.quantize.dynamic import DYNAMIC
 from onnxopt.passes.quantize.proto_graphs import constant_node_value, walk_graphs
 from onnxopt.passes.quantize.qdq import ActParams, LayerQuant, apply_qdq, single_layer_model
 from onnxopt.runtime.timing import TimingCache, cpu_info
@@ -125,6 +126,10 @@ class Work:
         #: Per-channel input means by layer (bias correction), layers that store int8 weights.
         self.means: dict[str, np.ndarray] = {}
         self.store: dict[str, LayerQuant] = {}
+        #: The dynamic form of each MatMul that has one (`forms.py` chooses between the forms).
+        self.dynamic: dict[str, LayerQuant] = {}
+        #: Output SQNR (dB) of each (layer, form) alone in int8, measured once per run.
+        self.alone_sqnr: dict[tuple[str, str], float] = {}
 
     @property
     def already_main(self) -> set[str]:
@@ -164,19 +169,23 @@ class Work:
         return output_sqnr(model, self.drawn_samples, self.float_reference if reference is None else reference)
 
     def layer_model(self, n: onnx.NodeProto, shape: tuple | None) -> onnx.ModelProto:
-        """A float model of `n` alone with its weights (staged ones referenced, not copied), input of
-        `shape` (None: unknown)."""
-        return single_layer_model(n, {k: self.consts.for_model(k) for k in n.input[1:] if k}, shape, opset(self.model))
+        """A float model of `n` alone with its constant inputs (staged ones referenced, not copied;
+        a computed optional input such as an Attention's mask left out), input of `shape` (None:
+        unknown)."""
+        consts = {k: self.consts.for_model(k) for k in n.input[1:] if k in self.consts}
+        return single_layer_model(n, consts, shape, opset(self.model))
 
     def qdq_tensors(self, acts: dict[str, ActParams], layers: list[LayerQuant]) -> dict[str, ActParams]:
         """The activations that get Q/DQ when `layers` are int8: their inputs, Conv and MatMul outputs
         always (QLinearConv and QLinearMatMul need the Q; onnxruntime's fusion of a QDQ MatMul with
         a float output depends on the graph around it: a MatMul feeding Relu -> MatMul + Add stays
         unfused and dequantizes its weight on every run), Gemm outputs only when every consumer is
-        a quantized layer (QGemm has a float output)."""
-        kept = {lq.node for lq in layers}
+        a quantized layer (QGemm has a float output). Dynamic layers quantize their input per run
+        and have a float output: no Q/DQ of their own."""
+        static_layers = [lq for lq in layers if lq.form != DYNAMIC]
+        kept = {lq.node for lq in static_layers}
         tensors: dict[str, ActParams] = {}
-        for lq in layers:
+        for lq in static_layers:
             n = self.nodes[lq.node]
             tensors[n.input[0]] = acts[n.input[0]]
             out = n.output[0]
