@@ -122,7 +122,40 @@ def inferred_model(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
             vi for vi in _infer(with_standins(stand)).graph.value_info if vi.name in produced and vi.name not in known
         ]
         inferred.graph.value_info.extend(extra)
+    if input_shapes:
+        _concrete_from_symbolic(inferred, light)
     return inferred
+
+
+def _concrete(vi: onnx.ValueInfoProto) -> bool:
+    dims = tensor_dims(vi.type.tensor_type) if vi.type.HasField("tensor_type") else None
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+def _concrete_from_symbolic(inferred: onnx.ModelProto, light: onnx.ModelProto) -> None:
+    """Where onnx's inference left a dim symbolic though the inputs are pinned (a Slice whose end is
+    computed from Shape(input), as BERT-style exports slice their position table), take the concrete
+    shape onnxruntime's symbolic shape inference finds, in place. Best effort: its failure changes
+    nothing."""
+    # imported here: it pulls in sympy (about half a second), needed only for pinned, unresolved shapes
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    missing = [vi for vi in [*inferred.graph.value_info, *inferred.graph.output] if not _concrete(vi)]
+    known = {vi.name for vi in inferred.graph.value_info}
+    produced = {o for n in light.graph.node for o in n.output if o and o not in known}
+    if not missing and not produced:
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(light)
+    try:
+        sym = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+    except Exception:  # noqa: BLE001 - a second opinion only: any failure keeps onnx's shapes
+        return
+    better = {vi.name: vi for vi in [*sym.graph.value_info, *sym.graph.output] if _concrete(vi)}
+    for vi in missing:
+        if vi.name in better:
+            vi.CopyFrom(better[vi.name])
+    inferred.graph.value_info.extend(better[n] for n in sorted(produced) if n in better)
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:

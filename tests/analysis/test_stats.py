@@ -278,3 +278,31 @@ def test_dims_written_as_minus_one_never_give_negative_macs():
     g.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3]))
     st = model_stats(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert st.macs >= 0 and all(v >= 0 for v in st.macs_by_node.values())
+
+
+def test_macs_are_counted_where_onnx_shape_inference_loses_a_pinned_dim():
+    # regression: BERT-style exports slice their position table to the sequence length computed from
+    # Shape(input_ids); onnx's inference makes that Slice's output dims symbolic even with the input
+    # pinned, so every MatMul after it went uncounted (MiniLM reported 0 MACs)
+    rng = np.random.default_rng(0)
+    m = _model(
+        [
+            helper.make_node("Shape", ["ids"], ["s"]),
+            helper.make_node("Gather", ["s", "one"], ["len"], axis=0),
+            helper.make_node("Slice", ["table", "zero", "len", "one"], ["pos"]),
+            helper.make_node("Gather", ["emb", "pos"], ["e"], axis=0),
+            helper.make_node("MatMul", ["e", "w"], ["y"]),
+        ],
+        [_vi("ids", ["batch", "seq"], TensorProto.INT64)],
+        [_vi("y", None)],
+        [
+            numpy_helper.from_array(np.arange(512, dtype=np.int64).reshape(1, 512), "table"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(rng.standard_normal((512, 8)).astype(np.float32), "emb"),
+            numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+        ],
+    )
+    stats = model_stats(m, {"ids": (1, 64)})
+    assert stats.macs_uncounted == 0
+    assert stats.macs == 64 * 8 * 4
