@@ -7,7 +7,11 @@ needs their shapes, and this keeps models over 2 GB (and the time spent copying 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +136,17 @@ def _concrete(vi: onnx.ValueInfoProto) -> bool:
     return dims is not None and all(isinstance(d, int) for d in dims)
 
 
+@contextlib.contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    """Run the block with `path` as the working directory (restored after)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _concrete_from_symbolic(inferred: onnx.ModelProto, light: onnx.ModelProto) -> None:
     """Where onnx's inference left a dim symbolic though the inputs are pinned (a Slice whose end is
     computed from Shape(input), as BERT-style exports slice their position table), take the concrete
@@ -148,7 +163,10 @@ def _concrete_from_symbolic(inferred: onnx.ModelProto, light: onnx.ModelProto) -
     copy = onnx.ModelProto()
     copy.CopyFrom(light)
     try:
-        sym = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
+        # when its inference is incomplete it saves the model into the working directory before
+        # raising: run it in a private one, so nothing is ever left in the user's
+        with tempfile.TemporaryDirectory(prefix="onnxopt-shapes-") as tmp, _working_directory(tmp):
+            sym = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
     except Exception:  # noqa: BLE001 - a second opinion only: any failure keeps onnx's shapes
         return
     better = {vi.name: vi for vi in [*sym.graph.value_info, *sym.graph.output] if _concrete(vi)}

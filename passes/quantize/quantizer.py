@@ -64,6 +64,7 @@ from onnxopt.ir.ops import ops_where
 from onnxopt.passes.quantize.boundary import to_proto, write_back
 from onnxopt.passes.quantize.phases import noop_reason, run_work
 from onnxopt.passes.quantize.requantize import dequantize_dynamic_matmuls
+from onnxopt.passes.quantize.smoothing import smooth
 from onnxopt.passes.quantize.state import Work, opset
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -149,6 +150,12 @@ class Quantize(Pass):
             "SQNR (dB) against float that int8 weight storage alone must keep; "
             "the weights that cost most stay float until it is met",
         )
+        smooth: str = option(
+            "auto",
+            "SmoothQuant-style smoothing of LayerNorm outputs read only by constant-weight MatMul/Attention "
+            "(auto: each kept only where it raises the measured SQNR of its readers and of the model)",
+            choices=("auto", "off"),
+        )
         requantize: bool = option(
             False,
             "turn MatMulInteger layers of onnxruntime's dynamic quantization back "
@@ -174,8 +181,13 @@ class Quantize(Pass):
             model, requantized, left = dequantize_dynamic_matmuls(model)
             if requantized:
                 notes.append(f"requantize: {len(requantized)} MatMulInteger layers turned back into float MatMuls")
+        model, smooth_notes, smoothed = smooth(model, data, opts, per_channel)
+        notes.extend(smooth_notes)
         work = Work(model, data, opts, per_channel, notes, ctx.settings.get("executor"))
         final, details, stats, skipped = run_work(work)
+        stats["smoothed_layernorms"] = len(smoothed)
+        if smoothed:
+            stats["smoothing"] = smoothed
         skipped = skipped + left
         stats["requantized"] = len(requantized)
         if final is work.model and not requantized:

@@ -306,3 +306,18 @@ def test_macs_are_counted_where_onnx_shape_inference_loses_a_pinned_dim():
     stats = model_stats(m, {"ids": (1, 64)})
     assert stats.macs_uncounted == 0
     assert stats.macs == 64 * 8 * 4
+
+
+def test_a_second_opinion_on_shapes_leaves_no_file_behind(tmp_path, monkeypatch):
+    # regression: onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx (and its
+    # data files) into the working directory when it cannot finish, e.g. on an unknown custom op
+    monkeypatch.chdir(tmp_path)
+    m = _model(
+        [helper.make_node("Foo", ["x"], ["y"], domain="acme"), helper.make_node("MatMul", ["y", "w"], ["z"])],
+        [_vi("x", ["n", 4])],
+        [_vi("z", None)],
+        [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")],
+        domains=("acme",),
+    )
+    model_stats(m, {"x": (1, 4)})
+    assert list(tmp_path.iterdir()) == []

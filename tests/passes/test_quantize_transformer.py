@@ -115,7 +115,7 @@ UNTIMED = {"latency_aware": "false", "accuracy_aware": "false", "check_latency":
 
 def test_dynamic_form_shares_one_dynamic_quantize_per_input_and_onnxruntime_fuses_it():
     model = _encoder()
-    res = _quantize(model, _x(), matmul_form="dynamic", **UNTIMED)
+    res = _quantize(model, _x(), matmul_form="dynamic", smooth="off", **UNTIMED)  # the forms alone
     ops = _ops(res.model)
     assert ops["DynamicQuantizeLinear"] == 2  # one for q/k/v (the LayerNorm output), one for o
     assert ops["MatMulInteger"] == 4 and ops["MatMul"] == 2  # activation x activation MatMuls stay float
@@ -239,3 +239,65 @@ def test_attention_with_qkv_hidden_sizes_gets_no_qattention_and_says_why():
     assert _ops(res.model)["QAttention"] == 0 and _ops(res.model)["Attention"] == 1
     skipped = _report(res)["skipped"]
     assert any("qkv_hidden_sizes" in s["reason"] for s in skipped), skipped
+
+
+LN_RESIDUAL = f"""
+<ir_version: 8, opset_import: ["" : 17]>
+res (float[1, 16, {H}] x) => (float[1, 16, {H}] y) {{
+    ln = LayerNormalization <axis = -1> (x, G, BT)
+    q = MatMul (ln, WQ)
+    y = Add (q, ln)
+}}
+"""
+
+
+def _smoothing_stats(res) -> dict:
+    return _report(res)["stats"]
+
+
+def test_smoothing_is_exact_in_float():
+    from onnxopt.passes.quantize.smoothing import smoothed_model, smoothing_sites
+    from onnxopt.passes.quantize.state import Constants
+
+    model = _encoder()
+    consts = Constants(model)
+    sites, skipped = smoothing_sites(model, consts)
+    assert [s.norm.output[0] for s in sites] == ["ln"] and len(sites[0].readers) == 3
+    assert [s["reason"] for s in skipped] == ["not smoothed: its output is a graph output or unread"]
+    sites[0].absmax = np.abs(make_session(_with_ln_output(model)).run(["ln"], _x(1)[0])[0]).max(axis=(0, 1))
+    smoothed = smoothed_model(model, consts, sites, [0.8])
+    feeds = _x(1)[0]
+    a, b = make_session(model).run(None, feeds)[0], make_session(smoothed).run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)  # float rounding only
+    gamma = {t.name: numpy_helper.to_array(t) for t in smoothed.graph.initializer}
+    assert not np.allclose(gamma[smoothed.graph.node[0].input[1]], gamma["G"])  # the outliers moved
+
+
+def _with_ln_output(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(onnx.helper.make_tensor_value_info("ln", onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def test_smoothing_raises_int8_sqnr_and_off_leaves_the_layernorm_alone():
+    model = _encoder()
+    on = _quantize(model, _x(), matmul_form="dynamic", **UNTIMED)
+    off = _quantize(model, _x(), matmul_form="dynamic", smooth="off", **UNTIMED)
+    stats = _smoothing_stats(on)
+    assert stats["smoothed_layernorms"] == 1
+    entry = stats["smoothing"][0]
+    assert entry["strength"] in (0.5, 0.65, 0.8) and entry["readers_sqnr_db"][1] > entry["readers_sqnr_db"][0]
+    assert _smoothing_stats(off)["smoothed_layernorms"] == 0
+    assert stats["output_sqnr_db"] > _smoothing_stats(off)["output_sqnr_db"]  # on the calibration samples
+    ln_off = next(n for n in off.model.graph.node if n.op_type == "LayerNormalization")
+    assert ln_off.input[1] == "G"  # smooth=off: the LayerNorm keeps its gamma
+
+
+def test_layernorm_read_by_a_non_matmul_is_not_smoothed():
+    model = _model(LN_RESIDUAL, G=(H,), BT=(H,), WQ=(H, H))
+    res = _quantize(model, _x(), matmul_form="dynamic", **UNTIMED)
+    stats = _smoothing_stats(res)
+    assert stats["smoothed_layernorms"] == 0
+    assert any("also read by Add" in note for note in stats["notes"])
+    assert all(n.input[1] == "G" for n in res.model.graph.node if n.op_type == "LayerNormalization")
