@@ -98,6 +98,7 @@ def quantize_sensitivity(
     finally:
         quantize.sensitivity = real
     rows = next(p for p in res.report["passes"] if p.get("name", p.get("pass")) == "quantize")["details"]
-    assert len(seen) == 2  # storage trials (w2 has >= 1024 weights), then int8 compute trials
-    sens = {f"{k} (storage)": v for k, v in seen[0].items()} | seen[1]
+    seen = [s for s in seen if s]  # phases with nothing to try return no trial
+    assert len(seen) >= 2  # at least storage trials (w2 has >= 1024 weights) and int8 compute trials
+    sens = {f"{k} (trial set {i})": v for i, s in enumerate(seen) for k, v in s.items()}
     return sens, [(r["node"], r["int8"], r["why"]) for r in rows], res.model.SerializeToString()

@@ -169,6 +169,8 @@ def _concrete_from_symbolic(inferred: onnx.ModelProto, light: onnx.ModelProto) -
             sym = SymbolicShapeInference.infer_shapes(copy, auto_merge=True)
     except Exception:  # noqa: BLE001 - a second opinion only: any failure keeps onnx's shapes
         return
+    if sym is None:  # it declines models below opset 7
+        return
     better = {vi.name: vi for vi in [*sym.graph.value_info, *sym.graph.output] if _concrete(vi)}
     for vi in missing:
         if vi.name in better:

@@ -64,6 +64,8 @@ def sensitivity(
     """Output SQNR (dB) of each trial against the float model, run by `executor`: {trial name: dB}.
 
     Every trial runs onnxruntime with `threads` threads wherever it runs (results can depend on it)."""
+    if not trials:  # nothing to run: do not ship the model to the executor's workers
+        return {}
     executor = executor or LocalExecutor(1)
     samples = list(samples)
     if reference is None:

@@ -87,9 +87,8 @@ def test_quantize_sensitivity_same_layers_in_process_and_pool(pool, tmp_path, mo
     two = scale_tasks.quantize_sensitivity(model, samples, pool, target_sqnr=45.0)
     assert one == two
     sens, decisions, _ = one
-    assert sorted(sens) == ["Conv_0", "Conv_2", "Conv_2 (storage)", "Gemm_6"] and all(
-        20 < v < 200 for v in sens.values()
-    )
+    assert {k.split(" (")[0] for k in sens} == {"Conv_0", "Conv_2", "Gemm_6"}
+    assert all(20 < v < 200 for v in sens.values())
     assert any(not int8 for _, int8, _ in decisions) and any(int8 for _, int8, _ in decisions)
 
 
