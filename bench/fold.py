@@ -35,22 +35,11 @@ import onnxopt  # noqa: E402
 from fixtures.fetch_models import model_path  # noqa: E402
 from onnxopt.data.pinning import pin_input_shapes  # noqa: E402
 from onnxopt.data.samples import seeded_inputs  # noqa: E402
+from onnxopt.data.wheel_models import LIGHT, ZOO  # noqa: E402
 from onnxopt.report.tables import human_bytes, table  # noqa: E402
 from onnxopt.runtime.sessions import make_session  # noqa: E402
 
-LIGHT = [
-    "bvlc_alexnet",
-    "densenet121",
-    "inception_v1",
-    "inception_v2",
-    "resnet50",
-    "shufflenet",
-    "squeezenet",
-    "vgg19",
-    "zfnet512",
-]
-ZOO = ["magika", "layout_cdla", "minilm", "romanizer_encoder", "romanizer_decoder", "tashkeel_bilstm_int8"]
-MODELS = LIGHT + ["det", "rec", "cls"] + ZOO
+MODELS = LIGHT + ["det", "rec", "cls"] + list(ZOO)
 #: the natural static shape of each model's inputs: check inputs in both modes, the pins in pinned mode
 SHAPES = {
     "det": {"x": (1, 3, 320, 320)},

@@ -45,20 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fixtures.fetch_models import model_path  # noqa: E402
+from onnxopt.data.wheel_models import LIGHT  # noqa: E402
 
 WORKLOADS = ("calibration", "sensitivity", "fleet", "validation")
 CONFIGS = (("1 process", "local", 1), ("2 Ray workers", "ray", 2))
-LIGHT = (
-    "bvlc_alexnet",
-    "densenet121",
-    "inception_v1",
-    "inception_v2",
-    "resnet50",
-    "shufflenet",
-    "squeezenet",
-    "vgg19",
-    "zfnet512",
-)
 
 
 class PeakMemory:

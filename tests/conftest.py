@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from onnxopt.data import wheel_models
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".fixtures" / "models"
 if str(ROOT) not in sys.path:
@@ -19,17 +21,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("ONNXOPT_PROGRESS", "0")
 
 PPOCR = ("det", "rec", "cls")
-LIGHT = (
-    "bvlc_alexnet",
-    "densenet121",
-    "inception_v1",
-    "inception_v2",
-    "resnet50",
-    "shufflenet",
-    "squeezenet",
-    "vgg19",
-    "zfnet512",
-)
+LIGHT = tuple(wheel_models.LIGHT)  # the light_* models inside the onnx wheel
 
 
 def real_model(name: str) -> Path:

@@ -9,24 +9,11 @@ import sys
 
 import onnx
 import pytest
-from conftest import ROOT, real_model
+from conftest import LIGHT, PPOCR, ROOT, real_model
 
 from onnxopt.cli import main
 
-ALL_MODELS = [
-    "det",
-    "rec",
-    "cls",
-    "bvlc_alexnet",
-    "densenet121",
-    "inception_v1",
-    "inception_v2",
-    "resnet50",
-    "shufflenet",
-    "squeezenet",
-    "vgg19",
-    "zfnet512",
-]
+ALL_MODELS = [*PPOCR, *LIGHT]
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
