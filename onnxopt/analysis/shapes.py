@@ -162,6 +162,7 @@ def _concrete_from_symbolic(inferred: onnx.ModelProto, light: onnx.ModelProto) -
         return
     copy = onnx.ModelProto()
     copy.CopyFrom(light)
+    copy = with_standins(copy)  # its inference stops at contrib ops it lacks rules for (QAttention)
     try:
         # when its inference is incomplete it saves the model into the working directory before
         # raising: run it in a private one, so nothing is ever left in the user's

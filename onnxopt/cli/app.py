@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from onnxopt import __version__
-from onnxopt.cli import demo, ep, inspect_model, optimize, optimize_many, passes, validate
+from onnxopt.cli import cache, demo, diff, ep, inspect_model, optimize, optimize_many, passes, report, validate
 from onnxopt.cli.errors import EXIT_OK, EXIT_USER, run_command
 from onnxopt.cli.logs import logging_configured, route_gs_logging
 
@@ -38,7 +38,7 @@ Exit codes: 0 ok, 1 check/validation failed, 2 bad input, 3 internal error.
 """
 
 #: The modules of the commands, in the order `--help` lists them; each has `add_parser(subparsers)`.
-COMMANDS = (optimize, inspect_model, passes, demo, optimize_many, validate, ep)
+COMMANDS = (optimize, inspect_model, passes, demo, optimize_many, validate, diff, report, ep, cache)
 
 
 class _Parser(argparse.ArgumentParser):

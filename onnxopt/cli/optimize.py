@@ -11,6 +11,7 @@ from onnxopt.analysis.shapes import parse_input_shapes
 from onnxopt.api import Result, optimize
 from onnxopt.cli.errors import EXIT_CHECK, EXIT_OK
 from onnxopt.cli.logs import add_logging_options
+from onnxopt.cli.pass_summaries import add_summaries
 from onnxopt.data.samples import parse_input_values
 from onnxopt.errors import UserError
 from onnxopt.framework.context import TARGETS
@@ -18,6 +19,7 @@ from onnxopt.framework.pass_api import Pass
 from onnxopt.framework.pipeline import DEFAULT_PIPELINE, build_pipeline
 from onnxopt.ir.model_io import check_data_beside, check_output_path, data_file_of
 from onnxopt.report import json_report
+from onnxopt.report.html import write_html
 from onnxopt.report.tables import format_report
 from onnxopt.runtime.executor import Executor, add_executor_arguments, executor_from_args
 from onnxopt.verify.tolerance import loosest
@@ -63,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "allowed), openvino (standard operators only); fusions and quantization follow it (default cpu)",
     )
     p.add_argument("--calib", metavar="PATH", help="calibration data for quantize/prune/lowrank")
-    p.add_argument("--report", metavar="R.json", help="write the full report as JSON")
+    p.add_argument("--report", metavar="R.json", help="write the full report as JSON (R.html: as a page with charts)")
     p.add_argument(
         "--check",
         type=int,
@@ -142,10 +144,13 @@ def run(args: argparse.Namespace) -> int:
         result.save(args.output, external_data=args.external_data or None)
         log.info("wrote %s", args.output)
         code = _validate(args, result, passes, eps, executor) if eps else EXIT_OK
+        summaries = add_summaries(result.report)
         if args.report:
-            json_report.write_json(result.report, args.report)
+            write = write_html if args.report.endswith((".html", ".htm")) else json_report.write_json
+            write(result.report, args.report)
         if not args.quiet:
             print(format_report(result.report))
+            print("\n" + "\n".join(summaries))
             print(f"\nwrote {args.output} in {result.report['seconds']:.1f}s")
         return code
 

@@ -86,6 +86,15 @@ def _attention(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.Nod
     return _mul(known_size(x[:2]), weights + seq * qk_v)
 
 
+def _matmul_nbits(x: Shape | None, w: Shape | None, y: Shape | None, node: onnx.NodeProto) -> int | None:
+    """com.microsoft MatMulNBits: its weight is packed in blocks, so K and N come from its attributes:
+    rows of x times K * N."""
+    attrs = {a.name: a.i for a in node.attribute}
+    if x is None or "K" not in attrs or "N" not in attrs:
+        return None
+    return _mul(known_size(x[:-1]), attrs["K"] * attrs["N"])
+
+
 #: What each op costs: op type -> (formula(x, w, y, node), input index of the data, of the weight).
 #: Integer and quantized forms share the formula of the float op they compute.
 MAC_FORMULAS: dict[str, tuple[Callable[..., int | None], int, int]] = {
@@ -105,6 +114,8 @@ MAC_FORMULAS: dict[str, tuple[Callable[..., int | None], int, int]] = {
     "RNN": (recurrent_macs, 0, 1),
     "DynamicQuantizeLSTM": (recurrent_macs, 0, 1),
     "Attention": (_attention, 0, 1),
+    "QAttention": (_attention, 0, 1),
+    "MatMulNBits": (_matmul_nbits, 0, 1),
 }
 
 

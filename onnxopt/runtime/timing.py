@@ -1,10 +1,11 @@
 """Latency measurement on onnxruntime: interleaved runs, medians, and a disk cache by key.
 
 Passes that must never make a model slower (quantize, lowrank) time the float
-and rewritten forms of one layer shape here. Runs of the candidates are
-interleaved so machine noise hits them alike; results are cached on disk by
-a key the caller builds from the layer's shape and options, and the onnxruntime
-version, thread count and CPU.
+and rewritten forms of one layer shape here and decide with `TimingCache.compare`:
+repeated interleaved measurements and a confidence interval of their ratio
+(`onnxopt.runtime.decide`), so a decision is taken only beyond the noise. Results
+are cached on disk by a key the caller builds from the layer's shape and options,
+in a file per onnxruntime version, thread count and CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import onnxruntime as ort
 
 from onnxopt.ir.weights import has_external
 from onnxopt.paths import cache_dir
+from onnxopt.runtime import decide
+from onnxopt.runtime.decide import Comparison
 from onnxopt.runtime.sessions import make_session
 
 
@@ -77,12 +80,22 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
+#: Version of the cache files' layout: v2 entries of two models add their ratio's interval; files
+#: of single-shot timings (v1) are not read.
+CACHE_LAYOUT = "v2"
+
+
 class TimingCache:
     """A JSON file of {key: [seconds, ...]} shared by the passes that time layer variants, one per
-    onnxruntime version, thread count and CPU (`cpu_fingerprint`)."""
+    onnxruntime version, thread count and CPU (`cpu_fingerprint`). An entry of two models holds
+    their median seconds, then the median of the second's per-repetition ratios to the first and
+    its interval: [base, cand, ratio, low, high]; an entry
+    of medians alone (put by a caller that knows them) is taken as exact."""
 
     def __init__(self, name: str, path: Path | None = None, threads: int = 2):
-        self.path = path or cache_dir() / f"timing-{name}-ort{ort.__version__}-t{threads}-cpu{cpu_fingerprint()}.json"
+        self.path = path or cache_dir() / (
+            f"timing-{name}-{CACHE_LAYOUT}-ort{ort.__version__}-t{threads}-cpu{cpu_fingerprint()}.json"
+        )
         self.threads = threads
         try:
             self._data: dict[str, list[float]] = json.loads(self.path.read_text())
@@ -105,10 +118,34 @@ class TimingCache:
     def measure(
         self, key: str, models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = 20
     ) -> list[float]:
-        """Cached `median_latencies` of `models` under `key`."""
+        """Median seconds per run of `models` under `key`, cached; measured by `decide.measure`
+        (repeated interleaved blocks, more repetitions while two models' ratio is undecided)."""
         hit = self.get(key)
-        if hit is not None and len(hit) == len(models):
-            return hit
-        values = median_latencies(models, feeds, runs=runs, threads=self.threads)
-        self.put(key, values)
+        if hit is not None and len(hit) in (len(models), len(models) + 3 * (len(models) == 2)):
+            return hit[: len(models)]
+        reps = decide.measure(models, feeds, runs=runs, threads=self.threads)
+        values = reps.medians()
+        if len(models) == 2:
+            c = reps.comparison()
+            self.put(key, values + [c.ratio, c.low, c.high])
+        else:
+            self.put(key, values)
         return values
+
+    def compare(
+        self, key: str, models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = 20
+    ) -> Comparison:
+        """The second model's run time against the first's (`Comparison`), cached under `key`: the
+        median per-repetition ratio and its confidence interval that `measure` stored (exact
+        where the entry holds the two medians alone)."""
+        values = self.measure(key, models, feeds, runs=runs)
+        hit = self.get(key)
+        return comparison_of(hit if hit is not None and hit[:2] == values else values)
+
+
+def comparison_of(entry: list[float]) -> Comparison:
+    """The `Comparison` a cache entry of two models holds: [base, cand] is exact, [base, cand,
+    ratio, low, high] carries the measured median ratio and its interval."""
+    if len(entry) == 5:
+        return Comparison(*entry[2:])
+    return Comparison.exact(*entry[:2])

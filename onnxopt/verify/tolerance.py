@@ -11,6 +11,10 @@ The limits per class (CAND vs REF, both on the CPU EP):
 
 - `exact` (fold, fuse): max abs error within `1e-5 + 1e-4 * max|ref|`, a hard
   limit (float rounding of reordered arithmetic);
+- `fp16` (fp16): cosine >= 0.999, SQNR >= 30 dB, top-1 agreement >= 0.95:
+  float16 rounds each value to 11 significant bits (about 70 dB for one
+  rounding); 30 dB leaves room for the roundings of a deep network while a
+  node that overflowed (Inf/NaN) or lost its range fails;
 - `approximate` (prune, lowrank): cosine >= 0.98 (the passes' own accuracy
   guard aims at the same 0.98), SQNR >= 15 dB, top-1 agreement >= 0.9 on
   class-score outputs;
@@ -106,6 +110,11 @@ class Tolerance(Enum):
         "exact",
         Thresholds(require_close=True, min_cosine=0.99999, min_sqnr_db=60.0),
         Thresholds(min_cosine=0.9999, min_sqnr_db=40.0),
+    )
+    FP16 = (
+        "fp16",
+        Thresholds(min_cosine=0.999, min_sqnr_db=30.0, min_topk=0.95),
+        Thresholds(min_cosine=0.999, min_sqnr_db=30.0),
     )
     APPROXIMATE = (
         "approximate",

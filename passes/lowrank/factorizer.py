@@ -40,6 +40,7 @@ from onnxopt.passes.lowrank.statistics import (
     observe_inputs,
     set_input_shapes,
 )
+from onnxopt.passes.lowrank.summary import summary_line
 from onnxopt.report.tables import count_reasons
 from onnxopt.verify.accuracy_guard import GuardWording, Split, guard_not_run, run_guard, split_samples, trial_graph
 
@@ -54,6 +55,11 @@ _WORDING = GuardWording(
 @register_pass("lowrank")
 class LowRank(Pass):
     """Factorize Gemm/MatMul/1x1-Conv weights into two thinner products where fewer parameters and faster."""
+
+    @classmethod
+    def summarize(cls, record: dict) -> str:
+        """One terminal line for a run's record (its stats and per-layer rows)."""
+        return summary_line(record)
 
     tolerance = "approximate"
     idempotent = False  # its parameter budget is relative to the model it is given: a second run factorizes more

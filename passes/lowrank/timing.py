@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from onnxopt.passes.lowrank.layers import Layer, has_bias
-from onnxopt.runtime.timing import TimingCache
+from onnxopt.runtime.decide import Comparison
+from onnxopt.runtime.timing import TimingCache, comparison_of
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -119,13 +120,14 @@ def timing_key(L: Layer, rank: int) -> str:
     )
 
 
-def time_layer(L: Layer, rank: int) -> tuple[float, float]:
-    """(dense seconds, factorized seconds) for L's shape at `rank`, from the timing cache or measured."""
+def time_layer(L: Layer, rank: int) -> tuple[float, float, Comparison]:
+    """(dense seconds, factorized seconds, factorized/dense `Comparison`) for L's shape at `rank`,
+    from the timing cache or measured (repeated, with the ratio's confidence interval)."""
     cache = TimingCache("lowrank")
     key = timing_key(L, rank)
     hit = cache.get(key)
-    if hit is not None and len(hit) == 2:
-        return hit[0], hit[1]
+    if hit is not None and len(hit) in (2, 5):
+        return hit[0], hit[1], comparison_of(hit)
     dense, fact, feed = layer_models(
         L.kind,
         L.in_shape,
@@ -137,5 +139,6 @@ def time_layer(L: Layer, rank: int) -> tuple[float, float]:
         int(L.node.attrs.get("transA", 0)),
         [M.n for M in L.members],
     )
-    t = cache.measure(key, [dense, fact], feed, runs=30)
-    return t[0], t[1]
+    cmp = cache.compare(key, [dense, fact], feed, runs=30)
+    t = cache.get(key) or [1.0, cmp.ratio]
+    return t[0], t[1], cmp

@@ -43,6 +43,7 @@ from onnxopt.passes.prune.selection import (
     finite_groups,
     score_channels,
 )
+from onnxopt.passes.prune.summary import summary_line
 from onnxopt.verify.accuracy_guard import GuardWording, Split, guard_not_run, run_guard, split_samples
 
 #: How the accuracy guard's verdict names the pass's changes (selection steps of the MAC budget).
@@ -56,6 +57,11 @@ _WORDING = GuardWording(
 @register_pass("prune")
 class Prune(Pass):
     """Remove whole channels (structured pruning) under a MAC budget, compensating in the consumers."""
+
+    @classmethod
+    def summarize(cls, record: dict) -> str:
+        """One terminal line for a run's record (its stats and per-layer rows)."""
+        return summary_line(record)
 
     tolerance = "approximate"
     idempotent = False  # its MAC budget is relative to the model it is given: a second run prunes more

@@ -1,6 +1,7 @@
 """Never slower: int8 compute only where onnxruntime runs it faster and fuses it.
 
-Each layer's float and QDQ forms are timed alone (cached by shape), layers whose
+Each layer's float and QDQ forms are timed alone (cached by shape) and int8 is kept
+only where it is faster beyond the noise (`TimingCache.compare`), layers whose
 int8 weight onnxruntime leaves unfused in the whole model stay float, and the
 whole float and int8 models are timed (cached by content hash) with layers
 dropped until int8 is not slower.
@@ -20,6 +21,7 @@ from onnxopt.passes.quantize.dynamic import DYNAMIC
 from onnxopt.passes.quantize.optimized import optimized_nodes
 from onnxopt.passes.quantize.qdq import ActParams, LayerQuant, apply_qdq, weight_dq_name
 from onnxopt.passes.quantize.state import Work, static
+from onnxopt.runtime.decide import Comparison
 from onnxopt.runtime.timing import TimingCache
 
 UNFUSED = "onnxruntime leaves its int8 weight unfused in this model (dequantized every run)"
@@ -33,18 +35,19 @@ def drop_slower_layers(work: Work, layers: dict[str, LayerQuant], acts: dict[str
         ti = work.info.get(n.input[0])
         shape = ti.shape if ti else None
         row = work.rows[name]
-        fast, ratio = faster_in_int8(work, n, layers[name], acts, shape, work.timing)
-        row["int8_latency_ratio"] = None if ratio is None else round(ratio, 3)
+        fast, cmp = faster_in_int8(work, n, layers[name], acts, shape, work.timing)
+        row["int8_latency_ratio"] = None if cmp is None else round(cmp.ratio, 3)
         dyn = work.dynamic.pop(name, None)
         if dyn is not None:
-            dyn_fast, dyn_ratio = faster_in_int8(work, n, dyn, acts, shape, work.timing)
-            row["dynamic_latency_ratio"] = None if dyn_ratio is None else round(dyn_ratio, 3)
+            dyn_fast, dyn_cmp = faster_in_int8(work, n, dyn, acts, shape, work.timing)
+            row["dynamic_latency_ratio"] = None if dyn_cmp is None else round(dyn_cmp.ratio, 3)
             if dyn_fast and fast:
                 work.dynamic[name] = dyn  # both forms pay: `forms.choose_forms` decides
             elif dyn_fast:
                 layers[name], fast = dyn, True
-        if not fast:
-            row.update(int8=False, why=f"int8 slower ({ratio:.2f}x float)")
+        if not fast and cmp is not None:
+            verdict = "slower" if cmp.verdict == "slower" else "not faster beyond the noise"
+            row.update(int8=False, why=f"int8 {verdict} ({cmp.describe()} float)")
             del layers[name]
 
 
@@ -55,8 +58,9 @@ def faster_in_int8(
     acts: dict[str, ActParams],
     shape: tuple[int, ...] | None,
     cache: TimingCache,
-) -> tuple[bool, float | None]:
-    """Time the float and QDQ forms of this layer shape; int8 is kept only where it is faster."""
+) -> tuple[bool, Comparison | None]:
+    """Time the float and QDQ forms of this layer shape; int8 is kept only where it is faster
+    beyond the noise (an undecided comparison keeps the layer float)."""
     if not static(shape):
         return True, None
     float_model = work.layer_model(n, shape)
@@ -77,9 +81,8 @@ def faster_in_int8(
         + ([lq.form] if lq.form != "qdq" else [])
     )
     feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    t_float, t_int8 = cache.measure(key, [float_model, q_model], feeds)
-    ratio = t_int8 / t_float if t_float > 0 else 1.0
-    return ratio < 1.0, ratio
+    cmp = cache.compare(key, [float_model, q_model], feeds)
+    return cmp.surely_below(1.0), cmp
 
 
 def unfused(work: Work, acts: dict[str, ActParams], layers: list[LayerQuant]) -> list[str]:
@@ -128,19 +131,19 @@ def never_slower(
 
     Timings are cached by the content hash of both models, so with a warm cache the same
     choice is made again and the output is byte-identical."""
-    ratio = 1.0
+    cmp = Comparison.exact(1.0, 1.0)
     for limit in (None, 0.8, 0.6):
         if limit is not None:
             kept = _larger_gains(work, layers, kept, limit)
         if not kept:
             break
         chosen = [layers[k] for k in kept]
-        ratio = _model_ratio(work, work.loaded_form(acts, chosen), stats)
-        if ratio <= 1.0:
-            stats["latency_ratio"] = round(ratio, 3)
+        cmp = _model_ratio(work, work.loaded_form(acts, chosen), stats)
+        if cmp.high <= 1.0:  # not slower beyond the noise either way: undecided keeps float
+            stats["latency_ratio"] = round(cmp.ratio, 3)
             return (final if limit is None else work.build(acts, chosen)), kept
     if stats.get("latency_ratio_tries"):
-        work.notes.append(f"int8 compute stayed slower than float ({ratio:.2f}x): left float")
+        work.notes.append(f"int8 compute stayed slower than float ({cmp.describe()}): left float")
     for name in kept:
         work.rows[name].update(int8=False, why="whole model slower in int8")
     return (work.build(acts, []) if work.store else work.model), []
@@ -155,10 +158,9 @@ def _larger_gains(work: Work, layers: dict[str, LayerQuant], kept: list[str], li
     return kept
 
 
-def _model_ratio(work: Work, timed: onnx.ModelProto, stats: dict) -> float:
+def _model_ratio(work: Work, timed: onnx.ModelProto, stats: dict) -> Comparison:
     """int8 / float run time of the whole model (cached by both models' content), noted in `stats`."""
     key = json.dumps(["model", model_hash(work.model), model_hash(timed)])
-    t_float, t_int8 = work.timing.measure(key, [work.model, timed], work.drawn_samples[0], runs=15)
-    ratio = t_int8 / t_float
-    stats.setdefault("latency_ratio_tries", []).append(round(ratio, 3))
-    return ratio
+    cmp = work.timing.compare(key, [work.model, timed], work.drawn_samples[0], runs=15)
+    stats.setdefault("latency_ratio_tries", []).append(round(cmp.ratio, 3))
+    return cmp

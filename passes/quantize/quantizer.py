@@ -66,6 +66,7 @@ from onnxopt.passes.quantize.phases import noop_reason, run_work
 from onnxopt.passes.quantize.requantize import dequantize_dynamic_matmuls
 from onnxopt.passes.quantize.smoothing import smooth
 from onnxopt.passes.quantize.state import Work, opset
+from onnxopt.passes.quantize.summary import summary_line
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 STORAGE = ("int8", "float")
@@ -91,6 +92,11 @@ def range_override_problem(text: str) -> str | None:
 @register_pass("quantize")
 class Quantize(Pass):
     """Calibrated INT8 QDQ quantization, latency- and accuracy-aware, fused by onnxruntime's CPU EP."""
+
+    @classmethod
+    def summarize(cls, record: dict) -> str:
+        """One terminal line for a run's record (its stats and per-layer rows)."""
+        return summary_line(record)
 
     tolerance = "quantize"
     idempotent = False  # a second run requantizes what its first run left float against new timings

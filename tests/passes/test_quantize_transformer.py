@@ -262,7 +262,8 @@ def test_smoothing_is_exact_in_float():
     model = _encoder()
     consts = Constants(model)
     sites, skipped = smoothing_sites(model, consts)
-    assert [s.norm.output[0] for s in sites] == ["ln"] and len(sites[0].readers) == 3
+    sites = [s for s in sites if s.norm is not None]  # the others are MatMul inputs without a LayerNorm
+    assert [s.tensor for s in sites] == ["ln"] and len(sites[0].readers) == 3
     assert [s["reason"] for s in skipped] == ["not smoothed: its output is a graph output or unread"]
     sites[0].absmax = np.abs(make_session(_with_ln_output(model)).run(["ln"], _x(1)[0])[0]).max(axis=(0, 1))
     smoothed = smoothed_model(model, consts, sites, [0.8])
@@ -294,10 +295,66 @@ def test_smoothing_raises_int8_sqnr_and_off_leaves_the_layernorm_alone():
     assert ln_off.input[1] == "G"  # smooth=off: the LayerNorm keeps its gamma
 
 
-def test_layernorm_read_by_a_non_matmul_is_not_smoothed():
+def test_layernorm_also_read_by_a_residual_add_is_smoothed_with_the_residual_restored():
+    """The residual reader gets the LayerNorm output multiplied back by s: exact in float, and the
+    MatMul reader sees the flattened channels."""
+    from onnxopt.passes.quantize.smoothing import smoothed_model, smoothing_sites
+    from onnxopt.passes.quantize.state import Constants
+
     model = _model(LN_RESIDUAL, G=(H,), BT=(H,), WQ=(H, H))
+    consts = Constants(model)
+    sites, _ = smoothing_sites(model, consts)
+    site = next(s for s in sites if s.norm is not None)
+    assert [u.op_type for u in site.readers] == ["MatMul"] and [u.op_type for u in site.others] == ["Add"]
+    site.absmax = np.abs(make_session(_with_ln_output(model)).run(["ln"], _x(1)[0])[0]).max(axis=(0, 1))
+    smoothed = smoothed_model(model, consts, [site], [0.8])
+    onnx.checker.check_model(smoothed, full_check=True)
+    feeds = _x(1)[0]
+    np.testing.assert_allclose(
+        make_session(model).run(None, feeds)[0], make_session(smoothed).run(None, feeds)[0], rtol=1e-4, atol=1e-4
+    )
+    add = next(n for n in smoothed.graph.node if n.op_type == "Add")
+    mul = next(n for n in smoothed.graph.node if n.op_type == "Mul")
+    ln = next(n for n in smoothed.graph.node if n.op_type == "LayerNormalization")
+    # the smoothed values get a name of their own; "ln" keeps its float values (what `diff` matches by)
+    assert ln.output[0] != "ln" and mul.input[0] == ln.output[0] and mul.output[0] == "ln" and "ln" in add.input
     res = _quantize(model, _x(), matmul_form="dynamic", **UNTIMED)
     stats = _smoothing_stats(res)
+    assert stats["smoothed_layernorms"] == 1 and stats["smoothing"][0]["how"] == "into the LayerNorm"
+    off = _quantize(model, _x(), matmul_form="dynamic", smooth="off", **UNTIMED)
+    assert stats["output_sqnr_db"] > _smoothing_stats(off)["output_sqnr_db"]
+
+
+SCALED_INPUT = f"""
+<ir_version: 8, opset_import: ["" : 17]>
+act (float[1, 16, {H}] x) => (float[1, 16, {H}] y) {{
+    h = Mul (x, C)
+    y = MatMul (h, W)
+}}
+"""
+
+
+def _scaled(outliers: bool) -> onnx.ModelProto:
+    model = _model(SCALED_INPUT, W=(H, H))
+    c = np.where((np.arange(H) % 16 == 3) & outliers, 30.0, 1.0).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(c, "C"))
+    return model
+
+
+def test_layer_input_with_outlier_channels_and_no_layernorm_gets_a_dividing_mul():
+    model = _scaled(outliers=True)
+    res = _quantize(model, _x(), matmul_form="dynamic", **UNTIMED)
+    stats = _smoothing_stats(res)
+    assert [e["how"] for e in stats["smoothing"]] == ["added Mul"], stats["smoothing"]
+    off = _quantize(model, _x(), matmul_form="dynamic", smooth="off", **UNTIMED)
+    assert _ops(res.model)["Mul"] == _ops(off.model)["Mul"] + 1  # the added division
+    assert any(n.op_type == "Mul" and n.input[0] == "h" for n in res.model.graph.node)
+    assert _sqnr(model, res.model, _x(1)[0]) > _sqnr(model, off.model, _x(1)[0])
+
+
+def test_layer_input_without_outlier_channels_is_left_alone_with_a_note():
+    res = _quantize(_scaled(outliers=False), _x(), matmul_form="dynamic", **UNTIMED)
+    stats = _smoothing_stats(res)
     assert stats["smoothed_layernorms"] == 0
-    assert any("also read by Add" in note for note in stats["notes"])
-    assert all(n.input[1] == "G" for n in res.model.graph.node if n.op_type == "LayerNormalization")
+    assert not any(n.op_type == "Mul" and n.input[0] == "h" for n in res.model.graph.node)
+    assert any("without outlier channels" in note for note in stats["notes"]), stats["notes"]
